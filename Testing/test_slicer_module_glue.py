@@ -1,0 +1,196 @@
+"""UADExtension.py outside Slicer: imported with stand-ins for Qt and the Slicer-app-only modules, so its
+module-level code and the Slicer glue that needs no GUI (dependency installation, the child's environment)
+run here. The widget itself needs the Slicer application and is covered by the in-Slicer self-test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import slicer
+import slicer.util
+
+from uad.errors import UserInputError
+from uad.mrml import dependencies
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "UADExtension" / "UADExtension.py"
+
+
+def stub_modules(monkeypatch) -> None:
+    """The app-only modules UADExtension.py imports, reduced to what its import and the tested code touch."""
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+    wrapper.WithinRange = WithinRange
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Base,), {}))
+
+    class ScriptedLoadableModuleLogic(Base):
+        def getParameterNode(self):
+            return None
+
+    scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+
+    for name, module in {
+        "qt": types.ModuleType("qt"),
+        "slicer.i18n": i18n,
+        "slicer.parameterNodeWrapper": wrapper,
+        "slicer.ScriptedLoadableModule": scripted,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome="/opt/Slicer"), raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {"PATH": "/usr/bin", "PYTHONPATH": "/site"})
+
+
+@pytest.fixture
+def module(monkeypatch):
+    stub_modules(monkeypatch)
+    spec = importlib.util.spec_from_file_location("UADExtension", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorder:
+    def __init__(self, answer=True):
+        self.answer = answer
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.answer
+
+
+@pytest.fixture
+def installers(monkeypatch):
+    """Missing: torch and monai (until "installed"); fake PyTorch extension and slicer.packaging."""
+    state = {"installed": False}
+
+    def missing(requirements):
+        return [] if state["installed"] else [r for r in requirements if r.startswith(("torch", "monai"))]
+
+    monkeypatch.setattr(dependencies, "missing_requirements", missing)
+    confirm = Recorder(answer=True)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm, raising=False)
+
+    torch_calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            torch_calls.append(kwargs)
+            return types.ModuleType("torch")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+
+    pip_calls = []
+
+    def pip_ensure(requirements, constraints=None, **kwargs):
+        pip_calls.append((list(requirements), Path(constraints).read_text(), kwargs))
+        state["installed"] = True
+
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    return types.SimpleNamespace(confirm=confirm, torch=torch_calls, pip=pip_calls, state=state)
+
+
+def test_one_confirmation_then_torch_through_the_extension_and_the_rest_constrained(module, installers):
+    logic = module.UADExtensionLogic()
+    assert logic.ensureDependencies(askConfirmation=True)
+
+    assert len(installers.confirm.calls) == 1
+    detail = installers.confirm.calls[0][1]["detailedText"]
+    assert "torch>=2.2" in detail and "monai>=1.3" in detail
+    assert installers.torch == [{"askConfirmation": False, "torchVersionRequirement": ">=2.2"}]
+    [(requirements, constraints, options)] = installers.pip
+    assert requirements == ["monai>=1.3"]
+    assert "numpy==" in constraints and "vtk==" in constraints  # Slicer's own packages stay as they are
+    assert options["prompt_install"] is False  # the one dialog above was the confirmation
+
+
+def test_declining_installs_nothing(module, installers):
+    installers.confirm.answer = False
+    assert module.UADExtensionLogic().ensureDependencies(askConfirmation=True) is False
+    assert installers.torch == [] and installers.pip == []
+
+
+def test_missing_pytorch_extension_is_a_clear_message(module, installers, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails as if the extension were absent
+    with pytest.raises(UserInputError, match="PyTorch extension"):
+        module.UADExtensionLogic().ensureDependencies(askConfirmation=True)
+    assert installers.confirm.calls == []
+
+
+def test_older_slicer_falls_back_to_pip_install_with_constraints(module, installers, monkeypatch):
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+    monkeypatch.delattr(slicer, "packaging")
+    pip_args = []
+
+    def pip_install(args):
+        pip_args.append(list(args))
+        installers.state["installed"] = True
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+
+    class WaitCursor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(slicer.util, "WaitCursor", WaitCursor, raising=False)
+    assert module.UADExtensionLogic().ensureDependencies(askConfirmation=False)
+    [args] = pip_args
+    assert args[0] == "-c" and args[2:] == ["monai>=1.3"]
+
+
+def test_nothing_to_do_when_everything_is_installed(module, installers):
+    installers.state["installed"] = True
+    assert module.UADExtensionLogic().ensureDependencies(askConfirmation=True)
+    assert installers.confirm.calls == [] and installers.torch == [] and installers.pip == []
+
+
+def test_backend_runs_through_pythonslicer_with_the_package_on_its_path(module):
+    logic = module.UADExtensionLogic()
+    command = logic.detection.backend_command
+    assert command[1:] == ["-m", "uad"] and Path(command[0]).name.startswith("PythonSlicer")
+    path = logic.detection.env["PYTHONPATH"].split(os.pathsep)
+    assert path[0] == module.UAD_PACKAGE_PARENT and path[1] == "/site"
+    assert Path(module.UAD_PACKAGE_PARENT, "uad", "__init__.py").is_file()
+    assert "PYTHONPATH" not in os.environ or os.environ["PYTHONPATH"] != logic.detection.env["PYTHONPATH"]
+
+
+def test_terminology_and_sample_thumbnail_are_found(module):
+    logic = module.UADExtensionLogic()
+    assert logic.detection.terminology.name == "Anomaly"
+    assert Path(module.SAMPLE_THUMBNAIL).is_file()
+    assert Path(module.REQUIREMENTS_FILE).is_file()
+
+
+def test_choice_labels_are_what_the_panel_shows(module):
+    assert [d.label() for d in module.Device] == ["Auto", "GPU (CUDA)", "CPU"]
+    assert [m.label() for m in module.MaskSize] == ["32 mm", "64 mm"]
+    assert [o.value for o in module.Overlay] == ["anomaly_map", "residual", "none"]

@@ -1,0 +1,61 @@
+"""``uad bench``: seconds per stage and peak memory of ``uad detect``, each run in a fresh process.
+
+A fresh process per run is what a user pays (imports, model load) and makes peak memory (the child's
+maximum resident set size, read by ``detect`` itself) mean one run, not the benchmark's own history.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from uad.benchmarks_file import hardware_line, table, update_section
+from uad.errors import UserInputError
+from uad.io import load_volume
+
+STAGES = ("load", "preprocessing", "registration", "inference", "postprocessing", "writing", "total")
+
+
+def time_detect(input_path: Path, model: str, runs: int, extra_args: list[str]) -> dict:
+    """Median seconds per stage and the largest peak memory over ``runs`` fresh ``uad detect`` processes."""
+    reports = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="uad-bench-") as out:
+            command = [sys.executable, "-m", "uad", "detect", str(input_path), "--out", out, "--model", model,
+                       "--progress", "none", *extra_args]
+            completed = subprocess.run(command, capture_output=True, text=True)
+            if completed.returncode != 0:
+                raise UserInputError(f"detect failed while benchmarking {model}: {completed.stderr.strip()}")
+            reports.append(json.loads((Path(out) / "report.json").read_text()))
+    seconds = {stage: float(np.median([r["seconds"].get(stage, 0.0) for r in reports])) for stage in STAGES}
+    return {"seconds": seconds, "peak_memory_mb": max(r["peak_memory_mb"] for r in reports),
+            "device": reports[0]["device"], "runs": runs}
+
+
+def bench(input_path: Path, models: list[str], runs: int, out: str, extra_args: list[str]) -> dict:
+    volume = load_volume(input_path)  # fail early, with the one-line error, on a bad input
+    results = {model: time_detect(input_path, model, runs, extra_args) for model in models}
+    shape = "×".join(map(str, volume.shape))
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    rows = [[model, r["device"], *[f"{r['seconds'][s]:.1f}" for s in STAGES], f"{r['peak_memory_mb']:.0f}"]
+            for model, r in results.items()]
+    markdown = "\n".join([
+        "## `uad detect` time and memory",
+        "",
+        f"Command: `uad bench --input {input_path} --models {' '.join(models)} --runs {runs}`"
+        + (f" (detect flags: `{' '.join(extra_args)}`)" if extra_args else "") + ".",
+        f"Hardware and date: {hardware_line()}.",
+        f"Input: {input_path.name}, {shape} voxels of {spacing} mm (full head). Each run is a fresh process; "
+        f"seconds are the median over {runs} run(s), peak memory the largest resident set size.",
+        "",
+        table(["model", "device", *[f"{s} (s)" for s in STAGES], "peak memory (MB)"], rows),
+        "",
+        "Target (issue #2): end to end ≤ 60 s and peak memory ≤ 4 GB on this 2-core CPU.",
+    ])
+    update_section(out, "detect-timing", markdown)
+    return results

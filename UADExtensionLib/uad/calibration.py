@@ -1,0 +1,93 @@
+"""Default thresholds from healthy data only, and the validation score that picks checkpoints.
+
+The operating threshold is the anomaly-map value exceeded by ``fpr`` (default 1 %) of healthy brain voxels,
+measured exactly where segmentation thresholds: on the median-filtered map inside the eroded brain mask.
+Lesion cases are never used here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from uad.bundle import add_to_manifest
+from uad.checkpoint import load_checkpoint, save_checkpoint
+from uad.data import find_subjects, load_cached, prepare_cohort
+from uad.errors import UserInputError
+from uad.metrics import auprc
+from uad.models import AnomalyModel
+from uad.postprocessing import PostprocessConfig, ellipsoid_element, median_filter
+from uad.synthetic import add_synthetic_anomaly
+
+
+def erode_brain_mask(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """The voxels where segmentation may flag anything (the same erosion as ``segment_filtered``)."""
+    if radius_mm <= 0:
+        return mask.astype(bool)
+    return ndimage.binary_erosion(mask, structure=ellipsoid_element(radius_mm, spacing), border_value=0)
+
+
+def filtered_map(model: AnomalyModel, image: np.ndarray, mask: np.ndarray, post: PostprocessConfig,
+                 spacing: tuple[float, float, float], mask_size_px: int | None = None) -> np.ndarray:
+    prediction = model.predict(image, mask, mask_size_px=mask_size_px)
+    return median_filter(prediction.anomaly_map, mask, spacing, post.median_mm)
+
+
+def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: PostprocessConfig,
+              fpr: float = 0.01, spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+              mask_size_px: int | None = None) -> dict:
+    """Threshold at the (1 - fpr) quantile of healthy voxel values; returns the checkpoint's calibration."""
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    values = []
+    for image, mask in zip(images, masks):
+        smoothed = filtered_map(model, image, mask, post, spacing, mask_size_px)
+        values.append(smoothed[erode_brain_mask(mask, spacing, post.brain_erosion_mm)])
+    pooled = np.concatenate(values)
+    threshold = float(np.quantile(pooled, 1.0 - fpr))
+    return {
+        "threshold": threshold,
+        "fpr": fpr,
+        "method": "quantile of median-filtered healthy map values inside the eroded brain mask",
+        "n_volumes": len(images),
+        "n_voxels": int(pooled.size),
+        "postprocessing": {**post.to_dict(), "threshold": threshold},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, seed: int = 0,
+                     anomalies_per_volume: int = 2, spacing_mm: float = 2.0) -> float:
+    """Pooled voxel AUPRC on synthetic anomalies in the validation volumes (fixed seed: comparable over steps)."""
+    rng = np.random.default_rng(seed + 1000)
+    post = PostprocessConfig(threshold=0.0)
+    scores, labels, brains = [], [], []
+    for image, mask in zip(images, masks):
+        for _ in range(anomalies_per_volume):
+            modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=spacing_mm)
+            scores.append(filtered_map(model, modified, mask, post, (spacing_mm,) * 3))
+            labels.append(truth)
+            brains.append(mask)
+    return auprc(np.stack(scores), np.stack(labels), mask=np.stack(brains))
+
+
+def recalibrate_checkpoint(path: Path, data_dir: str, cache_dir: str, fpr: float = 0.01,
+                           skull_stripped: bool = False) -> float:
+    """Re-set a checkpoint's threshold from healthy scans in ``data_dir`` (never its training subjects)."""
+    checkpoint = load_checkpoint(path)
+    used_for_training = set(checkpoint.training.get("subjects", {}).get("train", []))
+    subjects = [s for s in find_subjects(data_dir) if s.subject_id not in used_for_training]
+    if not subjects:
+        raise UserInputError(f"every scan in {data_dir} was used to train this model; give other healthy scans")
+    cached = prepare_cohort(subjects, checkpoint.preprocessing, cache_dir, skull_stripped=skull_stripped)
+    pairs = [load_cached(p) for p in cached.values()]
+    post = PostprocessConfig.from_dict(checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
+    checkpoint.calibration = calibrate(checkpoint.model, np.stack([p[0] for p in pairs]),
+                                       np.stack([p[1] for p in pairs]), post, fpr)
+    checkpoint.calibration["subjects"] = sorted(cached)
+    save_checkpoint(checkpoint, path)
+    add_to_manifest(path, checkpoint)
+    return checkpoint.calibration["threshold"]

@@ -1,0 +1,244 @@
+"""The ``uad`` command: each subcommand parses its flags and calls one API function.
+
+Heavy imports (torch, ants) happen inside the handlers so ``uad --help`` and ``uad models`` stay fast.
+A :class:`~uad.errors.UserInputError` becomes one line ``uad: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from uad.errors import UserInputError
+
+DEMO_OUT = Path("uad-demo-output")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage mistakes are one line too."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"uad: error: {message}; see '{self.prog} --help'\n")
+
+
+def _set_threads() -> None:
+    # Unset thread counts made CPU runs 5-10x slower here (UAD_FIELD.md 4.3): use every core explicitly.
+    cores = str(os.cpu_count() or 1)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", cores)
+    os.environ.setdefault("OMP_NUM_THREADS", cores)
+    import torch
+
+    torch.set_num_threads(int(cores))
+
+
+def _postprocess_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("post-processing (defaults: the model's calibrated settings)")
+    group.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated on healthy data)")
+    group.add_argument("--median-mm", type=float, help="3D median filter width in mm, 0 = off (default 5)")
+    group.add_argument("--brain-erosion-mm", type=float, help="erode the brain mask by this much (default 4)")
+    group.add_argument("--min-component-mm3", type=float, help="drop smaller connected components (default 50)")
+    group.add_argument("--top-k", type=int, help="keep the K most anomalous components, 0 = all (default 10)")
+    group.add_argument("--dilation-mm", type=float, help="dilate kept components by this much (default 1)")
+    group.add_argument("--refine", choices=("none", "atropos"), default="none",
+                       help="refine boundaries with ANTs Atropos (5-class k-means) (default none)")
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    _set_threads()
+    from uad.inference import STAGE_WEIGHTS, DetectOptions, Detector
+    from uad.progress import Progress
+
+    options = DetectOptions(
+        model=args.model, mask_size=args.mask_size, device=args.device, threshold=args.threshold,
+        skull_stripped=args.skull_stripped, brain_mask=args.brain_mask, refine=args.refine,
+        median_mm=args.median_mm, brain_erosion_mm=args.brain_erosion_mm,
+        min_component_mm3=args.min_component_mm3, top_k=args.top_k, dilation_mm=args.dilation_mm,
+    )
+    progress = Progress(args.progress, STAGE_WEIGHTS)
+    try:
+        result = Detector(options).run(args.input, args.out, progress)
+    finally:
+        progress.close()
+    if args.progress != "json":
+        report = result.report
+        print(f"{report['model']} on {report['device']}: {report['segmented_volume_ml']} ml flagged "
+              f"(threshold {report['threshold']:.4g}) in {report['seconds']['total']:.0f} s -> {result.out_dir}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from uad import catalog
+
+    models = catalog.list_models()
+    default = catalog.load_manifest().get("default")
+    if args.json:
+        print(json.dumps([{**m.to_dict(), "default": m.name == default} for m in models], indent=2))
+        return 0
+    for m in models:
+        grid = m.working_grid
+        grid_text = f"{'x'.join(map(str, grid.get('shape', [])))} @ {grid.get('spacing', '?')} mm" if grid else "-"
+        print(f"{m.name}{' (default)' if m.name == default else ''}\n"
+              f"  {m.description}\n"
+              f"  family {m.family}, modality {m.modality}, grid {grid_text}, {m.parameters:,} parameters\n"
+              f"  threshold {m.threshold:.4g}, mask size {'yes' if m.uses_mask_size else 'n/a'}, "
+              f"sha256 {m.sha256}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _set_threads()
+    from uad.training import TrainConfig, train
+
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" else value
+    config = TrainConfig(
+        model=args.model, data_dir=args.data, out_dir=args.out, cache_dir=args.cache, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every, device=args.device, skull_stripped=args.skull_stripped,
+        model_options=options, fpr=args.fpr,
+    )
+    path = train(config)
+    print(f"trained {args.model}: {path}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    _set_threads()
+    from uad.calibration import recalibrate_checkpoint
+
+    threshold = recalibrate_checkpoint(Path(args.model), args.data, args.cache, fpr=args.fpr,
+                                       skull_stripped=args.skull_stripped)
+    print(f"calibrated {args.model}: threshold {threshold:.4g} at {args.fpr:.2%} healthy voxel FPR")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _set_threads()
+    from uad.evaluation import EvaluationConfig, evaluate
+
+    results = evaluate(EvaluationConfig(data_dir=args.data, models=tuple(args.models), cache_dir=args.cache,
+                                        out=args.out, seed=args.seed))
+    for name, r in results.items():
+        print(f"{name}: SSIM {r['ssim_ixi']:.3f}, AUROC {r['auroc_pooled']:.3f}, AUPRC {r['auprc_pooled']:.3f}")
+    print(f"written to {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from uad.benchmark import bench
+
+    results = bench(Path(args.input), args.models, args.runs, args.out, args.detect_args or [])
+    for name, r in results.items():
+        print(f"{name}: {r['seconds']['total']:.1f} s end to end, peak {r['peak_memory_mb']:.0f} MB")
+    print(f"written to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from uad import resources
+
+    args.input = str(resources.sample_scan())
+    args.out = str(args.out)
+    args.skull_stripped = True  # the sample (MSLUB) is distributed skull-stripped
+    _cmd_detect(args)
+    print(f"Open in 3D Slicer or any NIfTI viewer: {resources.sample_scan()} with {args.out}/anomaly_map.nii.gz "
+          f"as overlay and {args.out}/segmentation.nii.gz as label; quick look: {args.out}/overview.png; "
+          f"expert lesion mask for comparison: {resources.sample_lesion_mask()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="uad", description="Unsupervised anomaly detection in brain MRI.")
+    parser.add_argument("--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def detect_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", help="bundled model name (see 'uad models') or a checkpoint .pt path")
+        sub.add_argument("--mask-size", type=int, choices=(32, 64), default=64,
+                         help="mask side in mm, for masking models (default 64)")
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sub.add_argument("--brain-mask", help="brain mask NIfTI on the input's grid (skips the template mask)")
+        sub.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                         help="terminal bar, JSON lines on stdout (for the Slicer module), or nothing")
+        _postprocess_flags(sub)
+
+    detect = commands.add_parser("detect", help="find anomalies in one scan")
+    detect.add_argument("input", help="T1 NIfTI (.nii/.nii.gz), full head or skull-stripped")
+    detect.add_argument("--out", required=True, help="output folder")
+    detect.add_argument("--skull-stripped", action="store_true", help="the input has no skull")
+    detect_flags(detect)
+    detect.set_defaults(handler=_cmd_detect)
+
+    models = commands.add_parser("models", help="list the bundled models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=_cmd_models)
+
+    train = commands.add_parser("train", help="train a model on a folder of healthy scans")
+    train.add_argument("--model", required=True, help="model type, e.g. vqvae or intensity")
+    train.add_argument("--data", required=True, help="folder of healthy NIfTI volumes (+ <id>_brainmask.nii.gz)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, model.pt, manifest.json")
+    train.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"), help="preprocessed-scan cache")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints")
+    train.add_argument("--validate-every", type=int, default=1000, help="steps between validation scores")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--skull-stripped", action="store_true", help="the training scans have no skull")
+    train.add_argument("--fpr", type=float, default=0.01, help="healthy voxel false-positive rate for the threshold")
+    train.add_argument("--option", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
+    train.set_defaults(handler=_cmd_train)
+
+    calibrate = commands.add_parser("calibrate", help="set a checkpoint's threshold from healthy scans")
+    calibrate.add_argument("--model", required=True, help="checkpoint .pt (manifest.json beside it is updated)")
+    calibrate.add_argument("--data", required=True, help="folder of HEALTHY scans (never lesion cases)")
+    calibrate.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"))
+    calibrate.add_argument("--fpr", type=float, default=0.01)
+    calibrate.add_argument("--skull-stripped", action="store_true")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
+    evaluate = commands.add_parser("evaluate", help="held-out benchmarks -> BENCHMARKS.md")
+    evaluate.add_argument("--data", required=True, help="the shared data folder (healthy/ixi_t1, healthy/mass_t1)")
+    evaluate.add_argument("--models", nargs="+", required=True, help="bundled model names or checkpoint paths")
+    evaluate.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"))
+    evaluate.add_argument("--out", default="BENCHMARKS.md")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    bench = commands.add_parser("bench", help="time uad detect per stage (fresh process per run)")
+    bench.add_argument("--input", required=True, help="a full-head T1 NIfTI")
+    bench.add_argument("--models", nargs="+", required=True)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--out", default="BENCHMARKS.md")
+    bench.add_argument("--detect-args", nargs=argparse.REMAINDER, help="extra flags passed to uad detect")
+    bench.set_defaults(handler=_cmd_bench)
+
+    demo = commands.add_parser("demo", help="run detect on the bundled sample scan")
+    demo.add_argument("--out", default=str(DEMO_OUT))
+    detect_flags(demo)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.handler(args)
+    except UserInputError as exc:
+        print(f"uad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uad: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""``uad detect``: one scan in, reconstruction + anomaly map + segmentation out, on the input's own grid.
+
+A :class:`Detector` loads its model once and can run many scans (cohort mode). Outputs are written to a
+staging folder beside ``out_dir`` and moved in only when everything succeeded, so a failed or interrupted
+run leaves nothing half-written in ``out_dir``; the input file is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+import uad
+from uad import catalog
+from uad.checkpoint import Checkpoint, load_checkpoint
+from uad.devices import resolve_device
+from uad.errors import UserInputError
+from uad.figures import save_overview
+from uad.io import Volume, load_volume, save_volume
+from uad.postprocessing import PostprocessConfig, median_filter, segment_filtered
+from uad.preprocessing import preprocess
+from uad.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MASK_SIZES_MM = (32, 64)
+OUTPUT_FILES = (
+    "reconstruction.nii.gz",
+    "residual.nii.gz",
+    "anomaly_map.nii.gz",
+    "segmentation.nii.gz",
+    "brain_mask.nii.gz",
+    "report.json",
+    "overview.png",
+)
+STAGE_WEIGHTS = {"load": 0.05, "preprocessing": 0.25, "registration": 0.1, "inference": 0.35,
+                 "postprocessing": 0.15, "writing": 0.1}
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Everything ``uad detect`` can be told; ``None`` means "the model's calibrated default"."""
+
+    model: str | None = None  # a bundled model name, or a checkpoint path with manifest.json beside it
+    mask_size: int = 64  # mask side in mm, for masking models
+    device: str = "auto"
+    threshold: float | None = None
+    skull_stripped: bool = False
+    brain_mask: str | None = None
+    refine: str = "none"
+    median_mm: float | None = None
+    brain_erosion_mm: float | None = None
+    min_component_mm3: float | None = None
+    top_k: int | None = None
+    dilation_mm: float | None = None
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.mask_size not in MASK_SIZES_MM:
+            raise UserInputError(f"mask size {self.mask_size} is not supported; use one of {MASK_SIZES_MM} (mm)")
+        if self.batch_size < 1:
+            raise UserInputError("batch size must be at least 1")
+
+
+@dataclass
+class DetectionResult:
+    out_dir: Path
+    report: dict = field(default_factory=dict)
+
+
+def resolve_checkpoint_path(model: str | None) -> Path:
+    """A bundled model name or a checkpoint file -> the file to load."""
+    if model and (model.endswith(".pt") or "/" in model):
+        return Path(model)
+    return catalog.get_model_info(model or catalog.default_model_name()).path
+
+
+class Detector:
+    def __init__(self, options: DetectOptions):
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.checkpoint_path = resolve_checkpoint_path(options.model)  # unknown names fail here, before any I/O
+        self._checkpoint: Checkpoint | None = None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """Loaded (and verified) on first use, so a bad input is reported before the model is read."""
+        if self._checkpoint is None:
+            self._checkpoint = load_checkpoint(self.checkpoint_path)
+            self._checkpoint.model.to(self.device)
+            self.postprocessing = self._postprocess_config()
+        return self._checkpoint
+
+    def _postprocess_config(self) -> PostprocessConfig:
+        calibrated = dict(self.checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
+        overrides = {key: getattr(self.options, key)
+                     for key in ("threshold", "median_mm", "brain_erosion_mm", "min_component_mm3", "top_k",
+                                 "dilation_mm")
+                     if getattr(self.options, key) is not None}
+        return PostprocessConfig.from_dict({**calibrated, **overrides, "refine": self.options.refine})
+
+    def run(self, input_path: str | Path, out_dir: str | Path, progress: Progress | None = None) -> DetectionResult:
+        progress = progress or Progress("none", STAGE_WEIGHTS)
+        out_dir = Path(out_dir)
+        staging = _staging_dir(out_dir)
+        try:
+            report = self._run(Path(input_path), staging, progress)
+            _publish(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        progress.done(out_dir=str(out_dir), device=self.device)
+        return DetectionResult(out_dir, report)
+
+    def _run(self, input_path: Path, staging: Path, progress: Progress) -> dict:
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        progress.update("load", 0.0, f"loading {input_path.name}")
+        volume = load_volume(input_path)
+        brain_mask = load_volume(self.options.brain_mask, what="brain mask") if self.options.brain_mask else None
+        checkpoint = self.checkpoint
+        seconds["load"] = round(time.perf_counter() - started, 2)
+
+        progress.update("preprocessing", 0.0, "bias correction and registration")
+        prep = preprocess(volume, checkpoint.preprocessing, brain_mask=brain_mask,
+                          skull_stripped=self.options.skull_stripped)
+        try:
+            seconds.update(prep.seconds)
+            progress.update("inference", 0.0, f"running {checkpoint.name} on {self.device}")
+            clock = time.perf_counter()
+            grid_spacing = prep.grid.spacing
+            mask_size_px = int(round(self.options.mask_size / grid_spacing))
+            prediction = checkpoint.model.predict(prep.image, prep.brain_mask, mask_size_px=mask_size_px,
+                                                       batch_size=self.options.batch_size,
+                                                       progress=progress.stage_callback("inference"))
+            seconds["inference"] = round(time.perf_counter() - clock, 2)
+
+            progress.update("postprocessing", 0.0, "mapping back and segmenting")
+            clock = time.perf_counter()
+            brain = prep.input_brain_mask.data.astype(bool)
+            reconstruction = prep.to_input_space(prediction.reconstruction) * prep.intensity_scale
+            reconstruction = np.where(brain, reconstruction, volume.data).astype(np.float32)
+            residual = prep.to_input_space(prediction.residual) * brain
+            anomaly_map = np.clip(prep.to_input_space(prediction.anomaly_map), 0, None) * brain
+            spacing = tuple(float(s) for s in volume.spacing)
+            filtered = median_filter(anomaly_map, brain, spacing, self.postprocessing.median_mm)
+            segmentation = segment_filtered(filtered, brain, spacing, self.postprocessing, image=volume.data)
+            slice_scores, volume_score = _scores(filtered, brain, volume.affine)
+            seconds["postprocessing"] = round(time.perf_counter() - clock, 2)
+        finally:
+            prep.close()
+
+        progress.update("writing", 0.0, "writing outputs")
+        clock = time.perf_counter()
+        outputs = {
+            "reconstruction": (reconstruction, np.float32),
+            "residual": (residual, np.float32),
+            "anomaly_map": (anomaly_map, np.float32),
+            "segmentation": (segmentation, np.uint8),
+            "brain_mask": (brain, np.uint8),
+        }
+        for name, (array, dtype) in outputs.items():
+            save_volume(Volume(array, volume.affine), staging / f"{name}.nii.gz", dtype=dtype)
+        _write_overview(staging / "overview.png", volume, outputs, self.postprocessing.threshold)
+        seconds["writing"] = round(time.perf_counter() - clock, 2)
+        seconds["total"] = round(time.perf_counter() - started, 2)
+
+        report = {
+            "input": str(input_path.resolve()),
+            "model": checkpoint.name,
+            "model_version": checkpoint.version,
+            "weights_sha256": checkpoint.sha256,
+            "threshold": self.postprocessing.threshold,
+            "calibration": {k: v for k, v in checkpoint.calibration.items() if k != "postprocessing"},
+            "device": self.device,
+            "mask_size": self.options.mask_size if checkpoint.model.uses_mask_size else None,
+            "seconds": seconds,
+            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "volume_score": volume_score,
+            "slice_scores": slice_scores,
+            "slice_axis": "input voxel axis closest to inferior-superior, listed inferior to superior",
+            "segmented_voxels": int(segmentation.sum()),
+            "segmented_volume_ml": round(float(segmentation.sum() * np.prod(volume.spacing)) / 1000, 3),
+            "postprocessing": self.postprocessing.to_dict(),
+            "options": asdict(self.options),
+            "uad_version": uad.__version__,
+            "torch_version": torch.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+def detect(input_path: str | Path, out_dir: str | Path, options: DetectOptions | None = None,
+           progress_mode: str = "none") -> DetectionResult:
+    """Run one detection with a freshly loaded model (see :class:`Detector` to reuse one)."""
+    progress = Progress(progress_mode, STAGE_WEIGHTS)
+    try:
+        return Detector(options or DetectOptions()).run(input_path, out_dir, progress)
+    finally:
+        progress.close()
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"output path exists and is not a folder: {out_dir}; choose another --out")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from exc
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(exist_ok=True)
+        for name in OUTPUT_FILES:
+            (staging / name).replace(out_dir / name)
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from exc
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> UserInputError:
+    return UserInputError(f"cannot write to the output folder {out_dir} ({exc.strerror}); choose a writable --out")
+
+
+def superior_axis(affine: np.ndarray) -> tuple[int, bool]:
+    """(voxel axis closest to inferior->superior, whether its index runs superior->inferior)."""
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    axis = int(np.argmax(np.abs(directions[2])))
+    return axis, bool(directions[2, axis] < 0)
+
+
+def _scores(filtered: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> tuple[list[float | None], float]:
+    """Slice score = 99th percentile of the filtered map in the slice's brain; volume score = the maximum."""
+    axis, reversed_order = superior_axis(affine)
+    maps, masks = np.moveaxis(filtered, axis, 0), np.moveaxis(brain, axis, 0)
+    scores = [float(np.percentile(m[b], 99)) if b.any() else None for m, b in zip(maps, masks)]
+    if reversed_order:
+        scores = scores[::-1]
+    present = [s for s in scores if s is not None]
+    return [None if s is None else round(s, 6) for s in scores], round(max(present), 6) if present else 0.0
+
+
+def _write_overview(path: Path, volume: Volume, outputs: dict, threshold: float) -> None:
+    """overview.png in canonical (RAS) orientation, whatever the input's orientation."""
+
+    def canonical(array: np.ndarray) -> np.ndarray:
+        return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, volume.affine)).dataobj)
+
+    save_overview(
+        path,
+        image=canonical(volume.data),
+        reconstruction=canonical(outputs["reconstruction"][0]),
+        anomaly_map=canonical(outputs["anomaly_map"][0]),
+        segmentation=canonical(outputs["segmentation"][0].astype(np.uint8)),
+        brain_mask=canonical(outputs["brain_mask"][0].astype(np.uint8)),
+        threshold=threshold,
+    )

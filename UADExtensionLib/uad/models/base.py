@@ -1,0 +1,67 @@
+"""What every anomaly model is: a torch module with a config, a training loss and a volume-level predict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base of every model's config; subclasses add fields with defaults and set ``name``."""
+
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+@dataclass
+class Prediction:
+    """A model's answer for one volume on the working grid; every array is (X, Y, Z) float32."""
+
+    reconstruction: np.ndarray
+    residual: np.ndarray
+    anomaly_map: np.ndarray
+    slice_scores: np.ndarray | None = None  # per axial slice, when the model scores slices itself
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    terms: dict[str, float]
+
+
+class AnomalyModel(nn.Module):
+    """A model trained on healthy slices only.
+
+    ``loss`` is all the trainer needs; ``predict`` is all inference needs. Models whose "training" is a
+    closed-form statistic (the intensity baseline) set ``trainable = False`` and implement ``fit``.
+    """
+
+    config: ModelConfig
+    trainable: ClassVar[bool] = True
+    uses_mask_size: ClassVar[bool] = False
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def loss(self, images: torch.Tensor, masks: torch.Tensor) -> LossOutput:
+        raise NotImplementedError
+
+    def fit(self, volumes: np.ndarray, masks: np.ndarray) -> None:
+        """Closed-form fit on (N, X, Y, Z) healthy volumes; only for ``trainable = False`` models."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray, brain_mask: np.ndarray, mask_size_px: int | None = None,
+                batch_size: int = 16, progress=None) -> Prediction:
+        raise NotImplementedError
