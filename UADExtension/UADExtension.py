@@ -5,6 +5,7 @@ installation, Segment Editor hand-off, sample data) and the self-test. Everythin
 in the Qt-free ``uad.mrml`` package, which is tested outside Slicer with slicer-core.
 """
 
+import contextlib
 import enum
 import logging
 import math
@@ -505,9 +506,12 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._job is not None or not p or not self.logic.detection.has_results(p.inputVolume):
             return
+        settings = self._postprocessSettings()
+        quick = self.logic.detection.postprocessing_is_quick(p.inputVolume, settings)
         try:
-            with slicer.util.WaitCursor():
-                summary = self.logic.detection.update_postprocessing(p.inputVolume, self._postprocessSettings())
+            # A wait cursor on every slider step would flicker; show it only when the update will take a while.
+            with contextlib.nullcontext() if quick else slicer.util.WaitCursor():
+                summary = self.logic.detection.update_postprocessing(p.inputVolume, settings)
         except UserInputError as exc:
             slicer.util.errorDisplay(str(exc), windowTitle=_("Anomaly detection"))
             return

@@ -39,6 +39,7 @@ def test_model_cycle(name, tmp_path):
     else:
         model.fit(np.stack([healthy_like(s)[0] for s in range(3)]), np.stack([mask] * 3))
     model.eval()
+    model.fit_map_statistics(np.stack([healthy_like(s)[0] for s in (1, 2)]), np.stack([mask] * 2))
     first = model.predict(image, mask)
     for array in (first.reconstruction, first.residual, first.anomaly_map):
         assert array.shape == GRID and array.dtype == np.float32 and np.isfinite(array).all()
@@ -62,6 +63,22 @@ def test_intensity_baseline_flags_what_differs_from_the_mean():
     prediction = model.predict(lesion, mask)
     inside = prediction.anomaly_map[35:45, 40:50, 35:45].mean()
     assert inside > 5 * np.median(prediction.anomaly_map[mask])
+
+
+def test_healthy_map_statistics_turn_the_map_into_a_local_z_score():
+    from uad.models.vqvae import VQVAEConfig
+
+    model = build_model(VQVAEConfig(channels=(8, 16, 16))).eval()
+    image, mask = healthy_like()
+    raw = model.predict(image, mask).anomaly_map
+    assert not model.map_statistics_fitted
+    model.fit_map_statistics(np.stack([healthy_like(s)[0] for s in (1, 2, 3)]), np.stack([mask] * 3))
+    normalised = model.predict(image, mask).anomaly_map
+    assert model.map_statistics_fitted and normalised.min() == 0 and not np.allclose(raw, normalised)
+    # states saved before fitting (mid-training) still load
+    fresh = build_model(VQVAEConfig(channels=(8, 16, 16)))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("map_")})
+    assert not fresh.map_statistics_fitted
 
 
 def test_ssim_map_is_one_for_identical_images_and_drops_for_flattened_texture():

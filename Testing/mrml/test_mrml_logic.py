@@ -182,6 +182,15 @@ def test_other_postprocessing_controls_take_effect(logic, input_volume, out_dir)
     assert provenance.postprocessing["median_mm"] == 0.0
 
 
+def test_median_filter_runs_in_the_background_after_loading(logic, input_volume, out_dir):
+    logic.load_outputs(input_volume, out_dir, SETTINGS)  # this out dir has no filtered map: it is computed
+    deadline = time.monotonic() + 30
+    while not logic.postprocessing_is_quick(input_volume, SETTINGS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logic.postprocessing_is_quick(input_volume, SETTINGS)
+    assert logic.postprocessing_is_quick(input_volume, replace(SETTINGS, median_filter=False))
+
+
 def test_rethresholding_works_after_the_cache_is_gone(scene, logic, input_volume, out_dir):
     """A scene loaded from disk has the nodes but no cached arrays: they are rebuilt from the nodes."""
     outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
@@ -342,6 +351,8 @@ def test_rethreshold_of_a_256_cube_follows_the_slider(scene, tmp_path):
     started = time.perf_counter()
     logic.load_outputs(volume, out, settings)
     print(f"loading 256^3 outputs: {time.perf_counter() - started:.2f} s")
+    assert logic.postprocessing_is_quick(volume, settings)  # the filtered map came with the outputs
+    assert not logic.postprocessing_is_quick(volume, replace(settings, refine="atropos"))
     timings = []
     for threshold in (0.45, 0.55, 0.6, 0.7, 0.8, 0.5):
         started = time.perf_counter()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -185,7 +185,7 @@ class Detector:
             "device": self.device,
             "mask_size": self.options.mask_size if checkpoint.model.uses_mask_size else None,
             "seconds": seconds,
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_mb": peak_memory_mb(),
             "volume_score": volume_score,
             "slice_scores": slice_scores,
             "slice_axis": "input voxel axis closest to inferior-superior, listed inferior to superior",
@@ -229,6 +229,16 @@ def _publish(staging: Path, out_dir: Path) -> None:
             (staging / name).replace(out_dir / name)
     except OSError as exc:
         raise _unwritable(out_dir, exc) from exc
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory; None where the OS does not say (Windows has no ``resource``)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
 def _unwritable(out_dir: Path, exc: OSError) -> UserInputError:

@@ -56,7 +56,7 @@ def load_volume(path: str | os.PathLike, what: str = "input") -> Volume:
     except (nib.filebasedimages.ImageFileError, ValueError, OSError) as exc:
         if path.name.endswith(".gz") and not _gzip_is_whole(path):
             raise UserInputError(f"{what} file is truncated or corrupt: {path}; copy or export it again") from exc
-        raise UserInputError(f"{what} cannot be read as NIfTI ({exc}): {path}; check it is a valid .nii/.nii.gz") from exc
+        raise UserInputError(f"{what} cannot be read as NIfTI ({exc}): {path}; check it is a .nii/.nii.gz") from exc
 
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

@@ -158,7 +158,8 @@ def preprocess(
     """Bring ``volume`` onto ``config.working_grid``; see the module docstring for the steps."""
     if brain_mask is not None and brain_mask.shape != volume.shape:
         raise UserInputError(
-            f"brain mask shape {brain_mask.shape} differs from the input's {volume.shape}; give the mask made for this scan"
+            f"brain mask shape {brain_mask.shape} differs from the input's {volume.shape}; "
+            "give the mask made for this scan"
         )
     started = time.perf_counter()
     workdir = tempfile.TemporaryDirectory(prefix="uad-")
@@ -189,7 +190,8 @@ def preprocess(
     if native_mask is not None:
         grid_mask = ants.apply_transforms(grid_reference, native_mask, transforms, interpolator="linear").numpy() > 0.5
     else:
-        grid_mask = ants.resample_image_to_target(resources.template_image("mni_brainmask"), grid_reference).numpy() > 0.5
+        template_mask = resources.template_image("mni_brainmask")
+        grid_mask = ants.resample_image_to_target(template_mask, grid_reference).numpy() > 0.5
 
     image, scale = normalise_intensity(warped, grid_mask, config)
     prep = Preprocessed(
@@ -207,7 +209,8 @@ def preprocess(
     else:
         prep.input_brain_mask.data = (prep.to_input_space(grid_mask.astype(np.float32)) > 0.5).astype(np.uint8)
     total = time.perf_counter() - started
-    prep.seconds = {"preprocessing": round(total - registration_seconds, 2), "registration": round(registration_seconds, 2)}
+    prep.seconds = {"preprocessing": round(total - registration_seconds, 2),
+                    "registration": round(registration_seconds, 2)}
     return prep
 
 

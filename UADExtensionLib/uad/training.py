@@ -112,21 +112,27 @@ def train(config: TrainConfig) -> Path:
     preprocessing = PreprocessConfig()
     model = build_model(spec.config_cls.from_dict(config.model_options)).to(device)
     cohort = load_cohort(config, preprocessing)
-    started = time.time()
 
     if not model.trainable:
+        clock = time.time()
         model.fit(cohort.train_images, cohort.train_masks)
-        steps, best = 0, {}
+        steps, best, loop_seconds = 0, {}, time.time() - clock
     else:
-        steps, best = _train_loop(model, cohort, config, device, rng, out_dir)
+        steps, best, loop_seconds = _train_loop(model, cohort, config, device, rng, out_dir)
         best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
         model = checkpoint_from_dict(best_state).model.to(device)
 
     model.eval()
+    finishing = time.time()
+    with tqdm(total=1.0, desc="healthy map statistics", file=sys.stderr, bar_format="{l_bar}{bar}") as bar:
+        model.fit_map_statistics(cohort.train_images, cohort.train_masks, progress=lambda f: bar.update(f - bar.n))
+    if model.trainable:  # the score configurations are compared by: the final map, on validation subjects
+        best["auprc_final_map"] = round(validation_auprc(model, cohort.validation_images, cohort.validation_masks,
+                                                         seed=config.seed), 4)
     post = PostprocessConfig(threshold=0.0)
     calibration = calibrate(model, cohort.validation_images, cohort.validation_masks, post, config.fpr)
     checkpoint = Checkpoint(model.cpu(), preprocessing, calibration,
-                            _provenance(config, cohort, steps, time.time() - started, best))
+                            _provenance(config, cohort, steps, loop_seconds + time.time() - finishing, best))
     path = out_dir / "model.pt"
     save_checkpoint(checkpoint, path)
     add_to_manifest(path, checkpoint)
@@ -135,23 +141,26 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device: torch.device,
-                rng: np.random.Generator, out_dir: Path) -> tuple[int, dict]:
+                rng: np.random.Generator, out_dir: Path) -> tuple[int, dict, float]:
+    """Returns (steps done, best validation score and its step, wall seconds of the loop over all runs)."""
     images, masks = brain_slices_from_volumes(cohort.train_images, cohort.train_masks)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps, eta_min=config.learning_rate / 50)
-    step, best = 0, {"auprc": -1.0, "step": 0}
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps,
+                                                          eta_min=config.learning_rate / 50)
+    step, best, seconds = 0, {"auprc": -1.0, "step": 0}, 0.0
     last_path = out_dir / "last.pt"
     if last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(state["checkpoint"]["state_dict"])
         optimiser.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        step, best = int(state["step"]), dict(state["best"])
+        step, best, seconds = int(state["step"]), dict(state["best"]), float(state["seconds"])
         rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming from step %d", step)
     if step >= config.steps:
-        return step, best
+        return step, best, seconds
+    started = time.time() - seconds  # wall time of the loop, summed over resumed runs
 
     def save_state(path: Path) -> None:
         state = {
@@ -160,6 +169,7 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
             "scheduler": schedule.state_dict(),
             "step": step,
             "best": best,
+            "seconds": time.time() - started,
             "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
         }
@@ -193,7 +203,7 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
                 save_state(last_path)
     finally:
         bar.close()
-    return step, best
+    return step, best, time.time() - started
 
 
 def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, min_brain_fraction: float = 0.05):

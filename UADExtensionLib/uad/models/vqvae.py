@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import VQVAE
 
-from uad.models.base import LossOutput, ModelConfig
+from uad.models.base import LossOutput
 from uad.models.registry import register
-from uad.models.slicewise import SliceModel
+from uad.models.slicewise import SliceConfig, SliceModel
 
 
 @dataclass(frozen=True)
-class VQVAEConfig(ModelConfig):
+class VQVAEConfig(SliceConfig):
     name: ClassVar[str] = "vqvae"
     # One stride-2 level per entry: 8x downsampling. Small enough for ~1 s per batch of 32 on a 2-core CPU.
     channels: tuple[int, ...] = (16, 32, 64)
@@ -27,7 +27,6 @@ class VQVAEConfig(ModelConfig):
     num_embeddings: int = 256
     embedding_dim: int = 32
     commitment_cost: float = 0.25
-    ssim_weight: float = 0.5  # weight of the (1 - SSIM) term in the anomaly map
 
 
 @register(VQVAEConfig)
@@ -36,8 +35,7 @@ class VQVAEModel(SliceModel):
     description = "VQ-VAE (Malé et al.): reconstructs each axial slice through a discrete 8x-downsampled code."
 
     def __init__(self, config: VQVAEConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         levels = len(config.channels)
         self.network = VQVAE(
             spatial_dims=2,

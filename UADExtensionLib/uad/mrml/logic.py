@@ -193,6 +193,10 @@ class _MapCache:
                 median_filter, self.anomaly_map, self.brain_mask, self.spacing, median_mm
             )
 
+    def is_ready(self, median_mm: float) -> bool:
+        entry = self._filtered.get(median_mm)
+        return median_mm <= 0 or isinstance(entry, np.ndarray) or (isinstance(entry, Future) and entry.done())
+
     def filtered_map(self, median_mm: float) -> np.ndarray:
         if median_mm <= 0 and median_mm not in self._filtered:
             self._filtered[median_mm] = np.where(self.brain_mask, self.anomaly_map, 0).astype(np.float32)
@@ -426,6 +430,13 @@ class DetectionLogic:
         voxels = int(np.count_nonzero(mask))
         voxel_ml = float(np.prod(cache.spacing)) / 1000.0
         return PostprocessSummary(voxels, voxels * voxel_ml, config.threshold, time.perf_counter() - started)
+
+    def postprocessing_is_quick(self, input_node, settings: PostprocessSettings) -> bool:
+        """False when the next update must wait for the median filter or run Atropos (show a wait cursor)."""
+        cache = self._caches.get(input_node.GetID())
+        if settings.refine != "none" or cache is None:
+            return False
+        return cache.is_ready(postprocess_config(settings, cache.base_config).median_mm)
 
     def threshold_range(self, input_node) -> tuple[float, float]:
         """Slider limits: from 0 to the map's maximum in the brain (at least 1.5x the calibrated threshold), so

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-
-import ants
 
 RESOURCE_DIR = Path(__file__).parent
 TEMPLATE_DIR = RESOURCE_DIR / "templates"
@@ -20,9 +18,11 @@ TEMPLATES = {
 }
 
 
-@lru_cache(maxsize=None)
-def template_image(name: str) -> ants.ANTsImage:
+@cache
+def template_image(name: str):
     """A bundled template as an ANTs image (cached: callers must not modify it)."""
+    import ants  # here, not at the top: the Slicer panel reads the catalog before antspyx is installed
+
     return ants.image_read(str(TEMPLATE_DIR / TEMPLATES[name]))
 
 
