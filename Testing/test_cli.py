@@ -150,3 +150,14 @@ def test_json_progress_lines_for_the_slicer_module(tmp_path):
     fractions = [line["fraction"] for line in progress]
     assert fractions == sorted(fractions) and 0 <= fractions[0] < fractions[-1] <= 1
     assert {line["stage"] for line in progress} >= {"load", "preprocessing", "inference", "postprocessing", "writing"}
+
+
+def test_demo_runs_on_the_bundled_sample(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "--out", str(out), "--progress", "none")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert "overview.png" in stdout and "lesion mask" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == catalog.default_model_name()
+    assert report["input"].endswith("mslub_patient26_T1.nii.gz")

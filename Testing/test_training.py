@@ -1,12 +1,11 @@
 """Training from a folder of real healthy scans: split, cache, steps, resume, calibration, provenance."""
 
-import shutil
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from uad.calibration import recalibrate_checkpoint
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, split_subjects
 from uad.training import TrainConfig, train
@@ -30,6 +29,12 @@ def cohort(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One preprocessing cache for the module: each scan is registered once, not once per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def test_subjects_and_masks_are_paired(cohort):
     subjects = find_subjects(cohort)
     assert [s.subject_id for s in subjects] == ["sub-a", "sub-b", "sub-c"]
@@ -44,16 +49,16 @@ def test_split_is_reproducible_and_disjoint():
     assert not set(split.train) & set(split.test) and not set(split.validation) & set(split.test)
 
 
-def test_train_resume_calibrate_and_provenance(cohort, tmp_path):
+def test_train_resume_calibrate_and_provenance(cohort, cache, tmp_path):
     config = TrainConfig(model="vqvae", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
-                         cache_dir=str(tmp_path / "cache"), steps=2, batch_size=4, checkpoint_every=1,
+                         cache_dir=str(cache), steps=2, batch_size=4, checkpoint_every=1,
                          validate_every=2, threads=1, model_options={"channels": [8, 16, 16]})
     path = train(config)
     first = load_checkpoint(path)
     assert first.training["steps"] == 2 and first.threshold > 0
     assert first.calibration["fpr"] == 0.01 and first.calibration["n_volumes"] == 1
     split = first.training["subjects"]
-    cached = {p.stem for p in (tmp_path / "cache").rglob("*.npz")}
+    cached = {p.stem for p in cache.rglob("*.npz")}
     assert cached == set(split["train"]) | set(split["validation"])  # the test subject was never touched
     assert first.model.config.channels == (8, 16, 16)
 
@@ -65,10 +70,15 @@ def test_train_resume_calibrate_and_provenance(cohort, tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
 
 
-def test_the_intensity_baseline_fits_in_closed_form(cohort, tmp_path):
+def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path):
     path = train(TrainConfig(model="intensity", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
-                             cache_dir=str(tmp_path / "cache"), threads=1))
+                             cache_dir=str(cache), threads=1))
     checkpoint = load_checkpoint(path)
     assert checkpoint.training["steps"] == 0 and checkpoint.threshold > 0
     assert float(checkpoint.model.mean.max()) > 0.5  # a mean brain, normalised near 1
-    shutil.rmtree(tmp_path / "cache")
+
+    # Re-calibrating at a 5x higher false-positive rate lowers the threshold, on subjects it was not trained on.
+    threshold = recalibrate_checkpoint(path, str(cohort), str(cache), fpr=0.05)
+    again = load_checkpoint(path)  # the manifest was updated with the new SHA-256, so this verifies
+    assert again.threshold == threshold < checkpoint.threshold
+    assert not set(again.calibration["subjects"]) & set(checkpoint.training["subjects"]["train"])

@@ -51,11 +51,9 @@ def write_out_dir(
     min_component_mm3: float = 20.0,
     top_k: int = 10,
     report_extra: dict | None = None,
-    write_filtered_map: bool = False,
     brain_radius=None,
 ) -> Path:
-    """Write the files ``uad detect`` writes (NIfTI on ``affine`` + report.json) into ``out_dir``; optionally
-    also the median-filtered map, which spares the Slicer logic its own median filter."""
+    """Write the files ``uad detect`` writes (NIfTI on ``affine`` + report.json) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     maps = synthetic_maps(shape, brain_radius)
@@ -72,8 +70,6 @@ def write_out_dir(
         "brain_mask": (maps["brain_mask"], np.uint8),
         "segmentation": (segmentation, np.uint8),
     }
-    if write_filtered_map:
-        files["anomaly_map_filtered"] = (filtered, np.float32)
     for name, (array, dtype) in files.items():
         image = nib.Nifti1Image(array.astype(dtype), affine)
         image.set_qform(affine, code=1)

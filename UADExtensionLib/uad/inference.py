@@ -171,7 +171,7 @@ class Detector:
         }
         for name, (array, dtype) in outputs.items():
             save_volume(Volume(array, volume.affine), staging / f"{name}.nii.gz", dtype=dtype)
-        _write_overview(staging / "overview.png", volume, outputs, self.postprocessing.threshold)
+        _write_overview(staging / "overview.png", volume, outputs, filtered, self.postprocessing.threshold)
         seconds["writing"] = round(time.perf_counter() - clock, 2)
         seconds["total"] = round(time.perf_counter() - started, 2)
 
@@ -263,8 +263,8 @@ def _scores(filtered: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> tupl
     return [None if s is None else round(s, 6) for s in scores], round(max(present), 6) if present else 0.0
 
 
-def _write_overview(path: Path, volume: Volume, outputs: dict, threshold: float) -> None:
-    """overview.png in canonical (RAS) orientation, whatever the input's orientation."""
+def _write_overview(path: Path, volume: Volume, outputs: dict, filtered: np.ndarray, threshold: float) -> None:
+    """overview.png in canonical (RAS) orientation; the map shown is the filtered one the threshold applies to."""
 
     def canonical(array: np.ndarray) -> np.ndarray:
         return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, volume.affine)).dataobj)
@@ -273,7 +273,7 @@ def _write_overview(path: Path, volume: Volume, outputs: dict, threshold: float)
         path,
         image=canonical(volume.data),
         reconstruction=canonical(outputs["reconstruction"][0]),
-        anomaly_map=canonical(outputs["anomaly_map"][0]),
+        anomaly_map=canonical(filtered),
         segmentation=canonical(outputs["segmentation"][0].astype(np.uint8)),
         brain_mask=canonical(outputs["brain_mask"][0].astype(np.uint8)),
         threshold=threshold,

@@ -29,7 +29,7 @@ from uad.mrml.process import BackendProcess, Progress, State
 DEVICES = ("auto", "cuda", "cpu")
 REFINE_METHODS = ("none", "atropos")
 MASK_SIZES_MM = (32, 64)
-# Files ``uad detect`` writes; the optional filtered map spares the 5 s median filter when present.
+# Files ``uad detect`` writes.
 VOLUME_FILES = {
     "reconstruction": "reconstruction.nii.gz",
     "residual": "residual.nii.gz",
@@ -37,7 +37,6 @@ VOLUME_FILES = {
     "brain_mask": "brain_mask.nii.gz",
     "segmentation": "segmentation.nii.gz",
 }
-FILTERED_MAP_FILE = "anomaly_map_filtered.nii.gz"
 REPORT_FILE = "report.json"
 # Geometry tolerance between the input and the backend's outputs: NIfTI stores the affine in float32.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -118,7 +117,6 @@ class BackendOutputs:
 
     arrays: dict[str, np.ndarray]
     report: dict
-    filtered_map: np.ndarray | None = None
 
 
 def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_affine: np.ndarray) -> BackendOutputs:
@@ -144,8 +142,7 @@ def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_af
     if not report_path.exists():
         raise DetectionError(f"the detection did not write {REPORT_FILE}; see the log for what went wrong")
     report = json.loads(report_path.read_text())
-    filtered = read(FILTERED_MAP_FILE).astype(np.float32) if (out_dir / FILTERED_MAP_FILE).exists() else None
-    return BackendOutputs(arrays, report, filtered)
+    return BackendOutputs(arrays, report)
 
 
 def write_volume_file(volume_node, path: str | Path) -> None:
@@ -181,9 +178,6 @@ class _MapCache:
         self.image: np.ndarray | None = None
         self._executor = executor
         self._filtered: dict[float, Future | np.ndarray] = {}
-
-    def set_filtered(self, median_mm: float, filtered: np.ndarray) -> None:
-        self._filtered[median_mm] = filtered
 
     def prefetch(self, median_mm: float) -> None:
         if median_mm > 0 and median_mm not in self._filtered:
@@ -382,8 +376,6 @@ class DetectionLogic:
                 provenance.postprocessing,
                 self._executor,
             )
-            if results.filtered_map is not None:
-                cache.set_filtered(float(provenance.postprocessing.get("median_mm", 0.0)), results.filtered_map)
             self._caches[input_node.GetID()] = cache
 
             self._write_mask(input_node, outputs, segment_id, arrays["segmentation"] > 0)
