@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from tqdm import tqdm
 from uad.benchmarks_file import hardware_line, table, update_section
 from uad.checkpoint import Checkpoint, load_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
-from uad.inference import resolve_checkpoint_path
-from uad.metrics import auprc, auroc, dice, ssim_in_mask
+from uad.inference import DetectOptions, Detector, resolve_checkpoint_path, superior_axis
+from uad.io import load_volume
+from uad.metrics import auprc, auroc, best_dice, dice, slice_level_auroc, ssim_in_mask
 from uad.postprocessing import PostprocessConfig, median_filter, segment_filtered
 from uad.synthetic import add_synthetic_anomaly
 
@@ -105,7 +107,66 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
         results[checkpoint.name] = evaluate_model(checkpoint, ixi_test, mass, config.seed, config.copies_per_scan)
         results[checkpoint.name]["n_ixi"], results[checkpoint.name]["n_mass"] = len(ixi_test), len(mass)
     update_section(config.out, "synthetic", _markdown(results, config))
+    lesions = evaluate_real_lesions(data, config.models)
+    update_section(config.out, "real-lesions", _lesion_markdown(lesions, config))
     return results
+
+
+LESION_CASES = ("mslub/patient26", "tcga/TCGA-DU-7294")  # the lesion cases in ../shared/data with a plain T1
+
+
+def evaluate_real_lesions(data_dir: Path, models: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """EVALUATION.md protocol 3 on the T1 lesion cases: ``uad detect`` end to end, scored in the scan's own grid."""
+    results: dict[str, dict[str, dict]] = {}
+    for name in models:
+        detector = Detector(DetectOptions(model=name, device="cpu", skull_stripped=True))
+        for case in LESION_CASES:
+            folder = data_dir / "lesion" / case
+            if not (folder / "T1.nii.gz").exists():
+                continue
+            with tempfile.TemporaryDirectory(prefix="uad-eval-") as out:
+                report = detector.run(folder / "T1.nii.gz", out).report
+                anomaly_map, segmentation, brain = (load_volume(Path(out) / f"{n}.nii.gz").data for n in
+                                                    ("anomaly_map", "segmentation", "brain_mask"))
+            scan = load_volume(folder / "T1.nii.gz")
+            truth = load_volume(folder / "lesion_mask.nii.gz", what="lesion mask").data > 0
+            brain = brain > 0
+            axis, reversed_order = superior_axis(scan.affine)
+            slice_truth = np.moveaxis(truth & brain, axis, 0).reshape(truth.shape[axis], -1).any(axis=1)
+            slice_truth = slice_truth[::-1] if reversed_order else slice_truth
+            scores = np.array([np.nan if s is None else s for s in report["slice_scores"]])
+            has_brain = ~np.isnan(scores)
+            results.setdefault(report["model"], {})[case] = {
+                "dice": dice(segmentation > 0, truth),
+                "best_dice": best_dice(anomaly_map, truth, brain)[0],
+                "auprc": auprc(anomaly_map, truth, brain),
+                "auroc": auroc(anomaly_map, truth, brain),
+                "slice_auroc": slice_level_auroc(scores[has_brain], slice_truth[has_brain]),
+                "flagged_ml": report["segmented_volume_ml"],
+                "lesion_ml": float(truth.sum() * np.prod(scan.spacing)) / 1000,
+            }
+    return results
+
+
+def _lesion_markdown(results: dict[str, dict[str, dict]], config: EvaluationConfig) -> str:
+    rows = [[model, case, r["lesion_ml"], r["flagged_ml"], r["dice"], r["best_dice"], r["auprc"], r["auroc"],
+             r["slice_auroc"]] for model, cases in results.items() for case, r in cases.items()]
+    return "\n".join([
+        "## Real lesions, T1 (EVALUATION.md protocol 3)",
+        "",
+        f"Command: `uad evaluate --data {config.data_dir} --models {' '.join(config.models)}` (same run as above).",
+        f"Hardware and date: {hardware_line()}.",
+        "",
+        "Each case goes through `uad detect` end to end (`--skull-stripped`: both are distributed stripped) and is "
+        "scored in its own 1 mm grid over the brain mask detect used. Dice at the calibrated threshold with default "
+        "post-processing; best Dice is the oracle over all thresholds of the anomaly map (labelled as such, not "
+        "achievable without lesion data); AUPRC/AUROC over brain voxels of the anomaly map; slice AUROC "
+        "(Georgescu) over axial slices with brain, a slice being abnormal when it holds any lesion voxel, scored "
+        "by the report's slice score. Two cases only: a sanity check on real pathology, not a benchmark.",
+        "",
+        table(["model", "case", "lesion ml", "flagged ml", "Dice @ calibrated", "best Dice (oracle)", "AUPRC",
+               "AUROC", "slice AUROC"], rows),
+    ])
 
 
 def _markdown(results: dict[str, dict], config: EvaluationConfig) -> str:
@@ -120,7 +181,7 @@ def _markdown(results: dict[str, dict], config: EvaluationConfig) -> str:
         f"Hardware and date: {hardware_line()}.",
         "",
         f"Data: held-out IXI test split ({first['n_ixi']} subjects, `uad.data.split_subjects` seed 0, never used for "
-        f"training or calibration) and MASS ({first['n_mass']} skull-stripped scans from another site, SSIM only). "
+        f"training or calibration) and MASS ({first['n_mass']} skull-stripped healthy scans from another site). "
         f"{config.copies_per_scan} copies per IXI scan, each with one box or ellipsoid of 20–30 mm filled with a "
         f"uniform random intensity ({first['cases']} cases). Everything on the 2 mm working grid (MNI space), "
         "brain voxels only; maps median-filtered (5 mm) as in the default post-processing.",

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import uad
 from uad.bundle import add_to_manifest
 from uad.calibration import calibrate, validation_auprc
-from uad.checkpoint import Checkpoint, checkpoint_from_dict, save_checkpoint
+from uad.checkpoint import Checkpoint, save_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
 from uad.models import AnomalyModel, build_model, get_spec
@@ -119,8 +119,10 @@ def train(config: TrainConfig) -> Path:
         steps, best, loop_seconds = 0, {}, time.time() - clock
     else:
         steps, best, loop_seconds = _train_loop(model, cohort, config, device, rng, out_dir)
+        # The kept weights are the best-validated ones, in a model built from this run's config: options that
+        # only change scoring (e.g. ssim_weight) can be re-chosen by re-running with the same out folder.
         best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
-        model = checkpoint_from_dict(best_state).model.to(device)
+        model.load_state_dict(best_state["state_dict"])
 
     model.eval()
     finishing = time.time()
