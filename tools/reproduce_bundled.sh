@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The exact commands that produced the bundled weights, model cards and BENCHMARKS.md.
+# The commands that produced the bundled weights, model cards, demo picture and BENCHMARKS.md.
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
-# CPU times on 2 cores: intensity ~2 min, vqvae ~1 h, evaluate ~10 min, bench ~5 min (+ preprocessing cache).
+# 2-core CPU, no GPU: preprocessing cache ~20 min once, intensity ~1 min, vqvae ~25 min, evaluate ~8 min,
+# bench ~3 min. Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
 set -euo pipefail
 DATA=../shared/data
 CACHE=${UAD_CACHE:-$HOME/.cache/uad}
 
 uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
-    --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500
+    --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'
 python tools/bundle_weights.py runs/intensity runs/vqvae --default vqvae
 python tools/write_model_cards.py
 uad evaluate --data "$DATA" --models vqvae intensity --cache "$CACHE"
 uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models vqvae intensity --runs 3
+uad demo --out /tmp/uad-demo && cp /tmp/uad-demo/overview.png Resources/demo-overview.png

@@ -14,6 +14,21 @@ from uad.checkpoint import load_checkpoint
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARDS.md"
 
 
+def _how_trained(training: dict, config: dict) -> str:
+    steps = training.get("steps", 0)
+    return f"{steps} steps of batch {config.get('batch_size', '?')}" if steps else "closed-form fit (no steps)"
+
+
+def _selection(best: dict) -> str:
+    if not best:
+        return "none needed (closed-form fit)"
+    text = (f"weights from step {best['step']}, the best validation AUPRC of the raw map ({best['auprc']}; pooled "
+            "voxel AUPRC on synthetic anomalies in the validation subjects, checked every validate-every steps)")
+    if "auprc_final_map" in best:
+        text += f"; the final map (after healthy map statistics) scores {best['auprc_final_map']} on the same data"
+    return text
+
+
 def card(info: catalog.ModelInfo) -> str:
     checkpoint = load_checkpoint(info.path)
     training, calibration = checkpoint.training, checkpoint.calibration
@@ -30,11 +45,9 @@ def card(info: catalog.ModelInfo) -> str:
         f"training and {len(subjects.get('validation', []))} validation subjects (split seed "
         f"{config.get('split_seed', 0)}); the {len(subjects.get('test', []))} test subjects were never used.",
         f"- Command: `{training.get('command', '?')}` (seed {config.get('seed', '?')}).",
-        f"- Training: {training.get('steps', 0)} steps of batch {config.get('batch_size', '?')}, "
-        f"{training.get('seconds', 0) / 60:.1f} min wall time on {training.get('hardware', '?')}; "
-        f"finished {training.get('date', '?')}.",
-        f"- Checkpoint selection: {training.get('best_validation') or 'closed-form fit (no selection)'} "
-        "(pooled voxel AUPRC on synthetic anomalies in the validation subjects).",
+        f"- Training: {_how_trained(training, config)}, {training.get('seconds', 0) / 60:.1f} min wall time on "
+        f"{training.get('hardware', '?')}; finished {training.get('date', '?')}.",
+        f"- Checkpoint selection: {_selection(training.get('best_validation') or {})}.",
         f"- Threshold: {calibration.get('threshold', float('nan')):.4g} = {calibration.get('method', '?')}, "
         f"at {calibration.get('fpr', 0):.0%} FPR over {calibration.get('n_volumes', '?')} healthy validation volumes.",
         "- Figures: see BENCHMARKS.md.",

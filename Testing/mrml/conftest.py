@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from slicer import vtkMRMLScene, vtkSlicerApplicationLogic, vtkSlicerSegmentationsModuleLogic
 
-from .scene_helpers import INPUT_SHAPE, add_volume, oblique_affine
+from .scene_helpers import INPUT_SHAPE, add_volume
+from conftest import oblique_affine
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def scene():
 
 @pytest.fixture
 def input_affine():
-    return oblique_affine()
+    return oblique_affine(origin=(-30.0, 45.0, -20.0))
 
 
 @pytest.fixture

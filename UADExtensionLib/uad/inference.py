@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
@@ -91,18 +92,17 @@ class Detector:
         self.options = options
         self.device = resolve_device(options.device)
         self.checkpoint_path = resolve_checkpoint_path(options.model)  # unknown names fail here, before any I/O
-        self._checkpoint: Checkpoint | None = None
 
-    @property
+    @cached_property
     def checkpoint(self) -> Checkpoint:
         """Loaded (and verified) on first use, so a bad input is reported before the model is read."""
-        if self._checkpoint is None:
-            self._checkpoint = load_checkpoint(self.checkpoint_path)
-            self._checkpoint.model.to(self.device)
-            self.postprocessing = self._postprocess_config()
-        return self._checkpoint
+        checkpoint = load_checkpoint(self.checkpoint_path)
+        checkpoint.model.to(self.device)
+        return checkpoint
 
-    def _postprocess_config(self) -> PostprocessConfig:
+    @cached_property
+    def postprocessing(self) -> PostprocessConfig:
+        """The checkpoint's calibrated settings, overridden by what the user asked for."""
         calibrated = dict(self.checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
         overrides = {key: getattr(self.options, key)
                      for key in ("threshold", "median_mm", "brain_erosion_mm", "min_component_mm3", "top_k",
