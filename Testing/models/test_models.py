@@ -81,6 +81,20 @@ def test_healthy_map_statistics_turn_the_map_into_a_local_z_score():
     assert not fresh.map_statistics_fitted
 
 
+@pytest.mark.parametrize("per_scan", [True, False])
+def test_per_scan_standardisation_removes_a_whole_brain_shift(per_scan):
+    """Another site raising the error everywhere (here: by one healthy SD at every voxel) changes nothing per scan."""
+    from uad.models.vqvae import VQVAEConfig
+
+    model = build_model(VQVAEConfig(channels=(8, 16, 16), per_scan_standardise=per_scan)).eval()
+    image, mask = healthy_like()
+    model.fit_map_statistics(np.stack([healthy_like(s)[0] for s in (1, 2, 3)]), np.stack([mask] * 3))
+    before = model.predict(image, mask).anomaly_map
+    model.map_mean -= model.map_std
+    after = model.predict(image, mask).anomaly_map
+    assert np.allclose(before, after, atol=1e-3) == per_scan
+
+
 def test_ssim_map_is_one_for_identical_images_and_drops_for_flattened_texture():
     x = torch.rand(2, 1, 32, 32)
     assert torch.allclose(ssim_map(x, x), torch.ones_like(x), atol=1e-4)
