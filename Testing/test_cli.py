@@ -13,7 +13,7 @@ from uad import catalog
 from uad.cli import main
 from uad.inference import OUTPUT_FILES
 
-from conftest import IXI_T1
+from conftest import IXI_MASK, IXI_T1
 
 
 def sha(path) -> str:
@@ -161,3 +161,14 @@ def test_demo_runs_on_the_bundled_sample(capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == catalog.default_model_name()
     assert report["input"].endswith("mslub_patient26_T1.nii.gz")
+
+
+def test_a_given_brain_mask_is_the_one_used(capsys, tmp_path):
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "detect", str(IXI_T1), "--out", str(out), "--model", "intensity",
+                           "--brain-mask", str(IXI_MASK), "--progress", "none")
+    assert code == 0, err
+    used = np.asanyarray(nib.load(str(out / "brain_mask.nii.gz")).dataobj)
+    np.testing.assert_array_equal(used > 0, np.asanyarray(nib.load(str(IXI_MASK)).dataobj) > 0)
+    segmentation = np.asanyarray(nib.load(str(out / "segmentation.nii.gz")).dataobj)
+    assert not (segmentation > used).any()  # nothing flagged outside the brain

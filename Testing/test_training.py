@@ -8,6 +8,7 @@ import torch
 from uad.calibration import recalibrate_checkpoint
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, split_subjects
+from uad.errors import UserInputError
 from uad.training import TrainConfig, train
 
 from conftest import IXI_MASK, IXI_T1
@@ -82,3 +83,9 @@ def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path):
     again = load_checkpoint(path)  # the manifest was updated with the new SHA-256, so this verifies
     assert again.threshold == threshold < checkpoint.threshold
     assert not set(again.calibration["subjects"]) & set(checkpoint.training["subjects"]["train"])
+
+
+def test_a_mistyped_model_option_is_refused(cohort, tmp_path):
+    with pytest.raises(UserInputError, match="unknown option.*chanels"):
+        train(TrainConfig(model="vqvae", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
+                          cache_dir=str(tmp_path / "cache"), model_options={"chanels": [8, 16]}))

@@ -95,8 +95,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     options = {}
     for item in args.option or []:
-        key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" else value
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise UserInputError(f"--option {item!r} is not KEY=VALUE; e.g. --option 'channels=[16,32,64,64]'")
+        try:
+            options[key] = json.loads(value)  # numbers, lists, true/false
+        except json.JSONDecodeError:
+            options[key] = value  # a plain string
     config = TrainConfig(
         model=args.model, data_dir=args.data, out_dir=args.out, cache_dir=args.cache, seed=args.seed,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, checkpoint_every=args.checkpoint_every,

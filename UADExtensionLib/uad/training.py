@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from uad.calibration import calibrate, validation_auprc
 from uad.checkpoint import Checkpoint, save_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
+from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
 from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
@@ -109,6 +110,10 @@ def train(config: TrainConfig) -> Path:
     device = torch.device(resolve_device(config.device))
 
     spec = get_spec(config.model)
+    unknown = set(config.model_options) - {f.name for f in fields(spec.config_cls)}
+    if unknown:
+        known = ", ".join(f.name for f in fields(spec.config_cls))
+        raise UserInputError(f"unknown option(s) {', '.join(sorted(unknown))} for {config.model}; known: {known}")
     preprocessing = PreprocessConfig()
     model = build_model(spec.config_cls.from_dict(config.model_options)).to(device)
     cohort = load_cohort(config, preprocessing)
