@@ -13,6 +13,8 @@ from conftest import IXI_MASK, IXI_T1, oblique_affine
 
 # A point inside the left frontal white matter, in RAS millimetres (MNI space).
 MARKER_RAS = np.array([-22.0, 18.0, 24.0])
+# Deep inside the right hemisphere: set to exactly 0, as dark CSF can be in a stripped, bias-corrected scan.
+ZERO_RAS = np.array([25.0, -10.0, 20.0])
 
 
 def ras_to_voxel(affine: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -42,6 +44,8 @@ def oblique_brain() -> Volume:
     data = ants.resample_image_to_target(resources.template_image("mni_brain"), target, interp_type="linear").numpy()
     marker = np.round(ras_to_voxel(affine, MARKER_RAS)).astype(int)
     data[tuple(slice(v - 1, v + 2) for v in marker)] = data.max() * 1.4
+    zero = np.round(ras_to_voxel(affine, ZERO_RAS)).astype(int)
+    data[tuple(slice(v - 1, v + 2) for v in zero)] = 0.0
     return Volume(data.astype(np.float32), affine)
 
 
@@ -67,6 +71,8 @@ def test_marker_lands_where_it_should_both_ways(oblique_brain):
         inside = oblique_brain.data > 0
         assert mask.shape == oblique_brain.shape
         assert (mask & inside).sum() / inside.sum() > 0.95
+        zero = tuple(np.round(ras_to_voxel(oblique_brain.affine, ZERO_RAS)).astype(int))
+        assert oblique_brain.data[zero] == 0 and mask[zero]  # zeros inside a stripped brain are brain
     finally:
         prep.close()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import ants
 import ants.config
 import numpy as np
+from scipy import ndimage
 
 from uad import resources
 from uad.errors import UserInputError
@@ -177,7 +178,9 @@ def preprocess(
         if brain_mask is not None:
             native_mask = to_ants(Volume((brain_mask.data > 0).astype(np.float32), volume.affine))
         else:
-            native_mask = native.new_image_like((volume.data > 0).astype(np.float32))
+            # Stripped scans can hold exact zeros inside the brain (dark CSF after N4); they are brain, not holes.
+            stripped = ndimage.binary_fill_holes(volume.data > 0)
+            native_mask = native.new_image_like(stripped.astype(np.float32))
         coarse_mask = ants.resample_image_to_target(native_mask, coarse, interp_type="linear") > 0.5
         moving = corrected * coarse_mask
         fixed = resources.template_image("mni_brain")
