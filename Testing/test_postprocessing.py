@@ -337,3 +337,16 @@ def test_segment_filtered_is_fast_on_a_sparse_256_cubed_map():
     assert 0 < result.sum() < brain.sum() // 20
     # Target 0.3 s; about 0.07 s measured on the project's shared 2-core machine. Slack for a loaded machine.
     assert min(timings) < 0.6, f"segment_filtered took {min(timings):.3f} s"
+
+
+def test_erode_brain_mask_matches_what_segmentation_may_flag():
+    """Calibration counts healthy voxels inside erode_brain_mask; segment_filtered must flag only there."""
+    from uad.postprocessing import erode_brain_mask
+
+    x, y, z = np.meshgrid(*[np.arange(n) for n in (30, 34, 20)], indexing="ij")
+    brain = ((x - 15) / 12) ** 2 + ((y - 17) / 14) ** 2 + ((z - 10) / 8) ** 2 < 1
+    spacing = (1.0, 1.2, 2.0)
+    config = PostprocessConfig(threshold=0.5, median_mm=0, brain_erosion_mm=3.0, min_component_mm3=0, top_k=0,
+                               dilation_mm=0)
+    flagged = segment_filtered(np.ones(brain.shape, np.float32), brain, spacing, config)
+    np.testing.assert_array_equal(flagged.astype(bool), erode_brain_mask(brain, spacing, 3.0))

@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from uad.bundle import add_to_manifest
 from uad.checkpoint import load_checkpoint, save_checkpoint
@@ -19,15 +18,8 @@ from uad.data import find_subjects, load_cached, prepare_cohort
 from uad.errors import UserInputError
 from uad.metrics import auprc
 from uad.models import AnomalyModel
-from uad.postprocessing import PostprocessConfig, ellipsoid_element, median_filter
+from uad.postprocessing import PostprocessConfig, erode_brain_mask, median_filter
 from uad.synthetic import add_synthetic_anomaly
-
-
-def erode_brain_mask(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
-    """The voxels where segmentation may flag anything (the same erosion as ``segment_filtered``)."""
-    if radius_mm <= 0:
-        return mask.astype(bool)
-    return ndimage.binary_erosion(mask, structure=ellipsoid_element(radius_mm, spacing), border_value=0)
 
 
 def filtered_map(model: AnomalyModel, image: np.ndarray, mask: np.ndarray, post: PostprocessConfig,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from uad.errors import UserInputError
+from uad.options import DEVICE_CHOICES, MASK_SIZES_MM, PROGRESS_MODES, REFINE_METHODS
 
 DEMO_OUT = Path("uad-demo-output")
 
@@ -43,7 +44,7 @@ def _postprocess_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-component-mm3", type=float, help="drop smaller connected components (default 50)")
     group.add_argument("--top-k", type=int, help="keep the K most anomalous components, 0 = all (default 10)")
     group.add_argument("--dilation-mm", type=float, help="dilate kept components by this much (default 1)")
-    group.add_argument("--refine", choices=("none", "atropos"), default="none",
+    group.add_argument("--refine", choices=REFINE_METHODS, default="none",
                        help="refine boundaries with ANTs Atropos (5-class k-means) (default none)")
 
 
@@ -166,11 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def detect_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", help="bundled model name (see 'uad models') or a checkpoint .pt path")
-        sub.add_argument("--mask-size", type=int, choices=(32, 64), default=64,
+        sub.add_argument("--mask-size", type=int, choices=MASK_SIZES_MM, default=64,
                          help="mask side in mm, for masking models (default 64)")
-        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sub.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
         sub.add_argument("--brain-mask", help="brain mask NIfTI on the input's grid (skips the template mask)")
-        sub.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+        sub.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                          help="terminal bar, JSON lines on stdout (for the Slicer module), or nothing")
         _postprocess_flags(sub)
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--checkpoint-every", type=int, default=250, help="steps between resumable checkpoints")
     train.add_argument("--validate-every", type=int, default=1000, help="steps between validation scores")
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     train.add_argument("--skull-stripped", action="store_true", help="the training scans have no skull")
     train.add_argument("--fpr", type=float, default=0.01, help="healthy voxel false-positive rate for the threshold")
     train.add_argument("--option", action="append", metavar="KEY=VALUE", help="model config override, repeatable")

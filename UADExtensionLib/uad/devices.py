@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from uad.errors import UserInputError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from uad.options import DEVICE_CHOICES
 
 
 def resolve_device(requested: str) -> str:

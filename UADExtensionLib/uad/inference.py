@@ -29,13 +29,13 @@ from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.figures import save_overview
 from uad.io import Volume, load_volume, save_volume
+from uad.options import MASK_SIZES_MM
 from uad.postprocessing import PostprocessConfig, median_filter, segment_filtered
 from uad.preprocessing import preprocess
 from uad.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MASK_SIZES_MM = (32, 64)
 OUTPUT_FILES = (
     "reconstruction.nii.gz",
     "residual.nii.gz",

@@ -24,10 +24,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from uad.errors import UserInputError
+from uad.options import REFINE_METHODS
 
 logger = logging.getLogger(__name__)
 
-REFINE_METHODS = ("none", "atropos")
 
 # 26-connectivity: lesions touching only at a corner are still one object, as in the Ano-swinMAE code.
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -183,6 +183,14 @@ def segment_filtered(
         # On the whole volume: Atropos needs tissue around each component, beyond the candidates' box.
         segmentation = refine_with_atropos(segmentation, image, brain, spacing).astype(np.uint8)
     return segmentation
+
+
+def erode_brain_mask(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """The whole eroded brain: the voxels where :func:`segment_filtered` may flag anything (it tests the same
+    erosion only at candidate voxels, for speed)."""
+    if radius_mm <= 0:
+        return mask.astype(bool)
+    return ndimage.binary_erosion(mask, structure=ellipsoid_element(radius_mm, spacing), border_value=0)
 
 
 def segment_anomalies(

@@ -12,8 +12,6 @@ import time
 
 from tqdm import tqdm
 
-PROGRESS_MODES = ("bar", "json", "none")
-
 
 class Progress:
     def __init__(self, mode: str, stages: dict[str, float], stream=None):

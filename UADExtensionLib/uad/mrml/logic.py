@@ -25,10 +25,8 @@ import slicer
 from uad.errors import UserInputError
 from uad.mrml import nodes
 from uad.mrml.process import BackendProcess, Progress, State
+from uad.options import DEVICE_CHOICES, MASK_SIZES_MM, REFINE_METHODS
 
-DEVICES = ("auto", "cuda", "cpu")
-REFINE_METHODS = ("none", "atropos")
-MASK_SIZES_MM = (32, 64)
 # Files ``uad detect`` writes.
 VOLUME_FILES = {
     "reconstruction": "reconstruction.nii.gz",
@@ -56,8 +54,8 @@ class DetectionRequest:
     skull_stripped: bool = False
 
     def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.mask_size is not None and self.mask_size not in MASK_SIZES_MM:
             raise ValueError(f"mask size must be one of {MASK_SIZES_MM} mm, got {self.mask_size!r}")
 
