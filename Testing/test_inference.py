@@ -4,7 +4,7 @@ import pytest
 from uad.errors import UserInputError
 from uad.inference import OUTPUT_FILES, DetectOptions, detect, superior_axis
 
-from conftest import IXI_T1, oblique_affine
+from conftest import IXI_MASK, IXI_T1, oblique_affine
 
 
 def test_python_api_detect(tmp_path):
@@ -29,3 +29,56 @@ def test_superior_axis(affine, expected):
 def test_unsupported_mask_size_is_a_user_error():
     with pytest.raises(UserInputError, match="mask size 48"):
         DetectOptions(mask_size=48)
+
+
+def test_each_mask_size_gets_its_own_calibrated_threshold():
+    from uad.checkpoint import Checkpoint
+    from uad.models import build_model
+    from uad.models.swin_mae import SwinMAEConfig
+    from uad.preprocessing import PreprocessConfig
+
+    calibration = {"threshold": 2.0, "postprocessing": {"threshold": 2.0, "median_mm": 3.0},
+                   "threshold_by_mask_size_mm": {"32": 1.5, "64": 2.0}}
+    checkpoint = Checkpoint(build_model(SwinMAEConfig()), PreprocessConfig(), calibration)
+    assert checkpoint.calibrated_postprocessing(32).threshold == 1.5
+    assert checkpoint.calibrated_postprocessing(64).threshold == 2.0
+    assert checkpoint.calibrated_postprocessing(32).median_mm == 3.0  # the rest is shared
+
+
+def test_a_model_that_scores_slices_reports_its_own_scores(tmp_path):
+    """mae-classifier's probabilities, not the map's percentiles, become the report's slice scores."""
+    import torch
+
+    from uad.bundle import add_to_manifest
+    from uad.checkpoint import Checkpoint, save_checkpoint
+    from uad.models import build_model
+    from uad.models.mae_classifier import MAEClassifierConfig
+    from uad.preprocessing import PreprocessConfig
+
+    torch.manual_seed(0)
+    checkpoint = Checkpoint(build_model(MAEClassifierConfig()).eval(), PreprocessConfig(), {"threshold": 1.0})
+    save_checkpoint(checkpoint, tmp_path / "mae-classifier.pt")
+    add_to_manifest(tmp_path / "mae-classifier.pt", checkpoint)
+    result = detect(IXI_T1, tmp_path / "out", DetectOptions(model=str(tmp_path / "mae-classifier.pt"), device="cpu"))
+    scores = [s for s in result.report["slice_scores"] if s is not None]
+    assert scores and all(0 <= s <= 1 for s in scores)  # probabilities: a map percentile would exceed 1 here
+    assert result.report["volume_score"] == max(scores)
+
+
+def test_a_z_scored_scan_with_negative_values_is_handled(tmp_path, write_nifti):
+    """BraTS-style inputs: z-scored, background negative. The reconstruction comes back in the input's units."""
+    import nibabel as nib
+
+    image = nib.load(str(IXI_T1))
+    data = np.asarray(image.dataobj, np.float32)
+    mask = np.asarray(nib.load(str(IXI_MASK)).dataobj) > 0
+    z = np.where(mask, (data - data[mask].mean()) / data[mask].std(), -3.0).astype(np.float32)
+    scan = write_nifti(z, image.affine, "z.nii.gz")
+    brain = write_nifti(mask.astype(np.uint8), image.affine, "z_brainmask.nii.gz")
+    before = nib.load(str(scan)).get_fdata()
+    result = detect(scan, tmp_path / "out", DetectOptions(model="intensity", device="cpu", brain_mask=str(brain)))
+    reconstruction = nib.load(str(result.out_dir / "reconstruction.nii.gz")).get_fdata()
+    inside = nib.load(str(result.out_dir / "brain_mask.nii.gz")).get_fdata() > 0
+    assert np.array_equal(nib.load(str(scan)).get_fdata(), before)  # the input is untouched
+    assert abs(np.median(reconstruction[inside]) - np.median(z[inside])) < 1.0  # same units, not shifted by +3
+    assert np.allclose(reconstruction[~inside], z[~inside])

@@ -7,7 +7,15 @@ import pytest
 from uad import resources
 from uad.errors import UserInputError
 from uad.io import Volume, load_volume
-from uad.preprocessing import WORKING_GRID, PreprocessConfig, ants_affine, normalise_intensity, preprocess, to_ants
+from uad.preprocessing import (
+    WORKING_GRID,
+    PreprocessConfig,
+    ants_affine,
+    background_value,
+    normalise_intensity,
+    preprocess,
+    to_ants,
+)
 
 from conftest import IXI_MASK, IXI_T1, oblique_affine
 
@@ -108,3 +116,14 @@ def test_mismatched_brain_mask_is_a_user_error():
     volume = Volume(np.ones((10, 10, 10), np.float32), np.eye(4))
     with pytest.raises(UserInputError, match="brain mask shape"):
         preprocess(volume, PreprocessConfig(), brain_mask=Volume(np.ones((9, 10, 10), np.float32), np.eye(4)))
+
+
+def test_background_is_the_minimum_only_when_it_fills_the_background():
+
+    z_scored = np.full((20, 20, 20), -5.0, np.float32)
+    z_scored[5:15, 5:15, 5:15] = np.random.default_rng(0).normal(0, 1, (10, 10, 10))
+    assert background_value(z_scored) == -5.0  # BraTS-like: the whole background holds the minimum
+    stripped = np.zeros((20, 20, 20), np.float32)
+    stripped[5:15, 5:15, 5:15] = 100.0
+    stripped[5, 5, 5] = -51.0  # MSLUB-like interpolation noise: not a background, no shift
+    assert background_value(stripped) == 0.0

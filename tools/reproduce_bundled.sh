@@ -10,8 +10,19 @@ CACHE=${UAD_CACHE:-$HOME/.cache/uad}
 uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
     --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'
-python tools/bundle_weights.py runs/intensity runs/vqvae --default vqvae
+uad train --model rae --data "$DATA/healthy/ixi_t1" --out runs/rae --cache "$CACHE" --seed 0 \
+    --steps 2500 --batch-size 32 --lr 5e-4 --validate-every 500
+uad train --model swin-mae --data "$DATA/healthy/ixi_t1" --out runs/swin-mae --cache "$CACHE" --seed 0 \
+    --steps 2000 --batch-size 16 --lr 5e-4 --validate-every 500
+# Two-stage models start from the first stage's bundled weights (copied and frozen).
+uad train --model vqvae-transformer --init-from runs/vqvae/model.pt --data "$DATA/healthy/ixi_t1" \
+    --out runs/vqvae-transformer --cache "$CACHE" --seed 0 --steps 2000 --batch-size 32 --lr 5e-4 --validate-every 500
+uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DATA/healthy/ixi_t1" \
+    --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
+python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
+    runs/mae-classifier --default vqvae
+MODELS="intensity vqvae vqvae-transformer rae swin-mae mae-classifier"
+uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE"
 python tools/write_model_cards.py
-uad evaluate --data "$DATA" --models vqvae intensity --cache "$CACHE"
-uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models vqvae intensity --runs 3
+uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models $MODELS --runs 3
 uad demo --out /tmp/uad-demo && cp /tmp/uad-demo/overview.png Resources/demo-overview.png

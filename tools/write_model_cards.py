@@ -12,6 +12,7 @@ from uad import catalog
 from uad.checkpoint import load_checkpoint
 
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARDS.md"
+RESULTS = OUT.with_name("evaluation-results.json")
 
 
 def _how_trained(training: dict, config: dict) -> str:
@@ -50,9 +51,32 @@ def card(info: catalog.ModelInfo) -> str:
         f"- Checkpoint selection: {_selection(training.get('best_validation') or {})}.",
         f"- Threshold: {calibration.get('threshold', float('nan')):.4g} = {calibration.get('method', '?')}, "
         f"at {calibration.get('fpr', 0):.0%} FPR over {calibration.get('n_volumes', '?')} healthy validation volumes.",
-        "- Figures: see BENCHMARKS.md.",
     ]
+    if "initialised_from" in training:
+        base = training["initialised_from"]
+        lines.append(f"- First stage: the bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`, frozen), "
+                     f"itself from `{base['command']}`.")
+    if "threshold_by_mask_size_mm" in calibration:
+        sizes = ", ".join(f"{mm} mm: {t:.4g}" for mm, t in calibration["threshold_by_mask_size_mm"].items())
+        lines.append(f"- Threshold per mask size (same calibration): {sizes}.")
+    lines.append(_figures(info.name))
     return "\n".join(lines)
+
+
+def _figures(name: str) -> str:
+    """The held-out figures ``uad evaluate`` wrote for this model (Resources/evaluation-results.json)."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    rows = [(label, r) for label, r in results.items() if label == name or label.startswith(f"{name} (")]
+    if not rows:
+        return "- Figures: not evaluated yet (run `uad evaluate`)."
+    parts = []
+    for label, r in rows:
+        synthetic, stroke = r["synthetic"], r.get("stroke") or {}
+        parts.append(f"{label}: synthetic AUROC {synthetic['auroc_pooled']:.3f} / AUPRC {synthetic['auprc_pooled']:.3f}"
+                     f", healthy SSIM {synthetic['ssim_ixi']:.3f}"
+                     + (f", stroke shapes AUPRC {stroke['auprc']:.3f}, slice AUROC {stroke['slice_auroc']:.3f}"
+                        if stroke else ""))
+    return "- Held-out figures (from BENCHMARKS.md): " + "; ".join(parts) + "."
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ from uad.data import find_subjects, load_cached, prepare_cohort
 from uad.errors import UserInputError
 from uad.metrics import auprc
 from uad.models import AnomalyModel
+from uad.options import MASK_SIZES_MM
 from uad.postprocessing import PostprocessConfig, erode_brain_mask, median_filter
+from uad.preprocessing import PreprocessConfig
 from uad.synthetic import add_synthetic_anomaly
 
 
@@ -51,6 +53,22 @@ def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: 
     }
 
 
+def calibrate_model(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: PostprocessConfig, fpr: float,
+                    preprocessing: PreprocessConfig) -> dict:
+    """:func:`calibrate`, plus one threshold per mask size for masking models (stored in the checkpoint).
+
+    A smaller mask leaves more context around each masked pixel, so a lower healthy error: one threshold for
+    both sizes would flag too little at one and too much at the other.
+    """
+    spacing = (preprocessing.working_grid.spacing,) * 3
+    calibration = calibrate(model, images, masks, post, fpr, spacing)
+    if model.uses_mask_size:
+        calibration["threshold_by_mask_size_mm"] = {
+            str(mm): calibrate(model, images, masks, post, fpr, spacing, preprocessing.mask_size_px(mm))["threshold"]
+            for mm in MASK_SIZES_MM}
+    return calibration
+
+
 def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, seed: int = 0,
                      anomalies_per_volume: int = 2, spacing_mm: float = 2.0) -> float:
     """Pooled voxel AUPRC on synthetic anomalies in the validation volumes (fixed seed: comparable over steps)."""
@@ -77,8 +95,8 @@ def recalibrate_checkpoint(path: Path, data_dir: str, cache_dir: str, fpr: float
     cached = prepare_cohort(subjects, checkpoint.preprocessing, cache_dir, skull_stripped=skull_stripped)
     pairs = [load_cached(p) for p in cached.values()]
     post = PostprocessConfig.from_dict(checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
-    checkpoint.calibration = calibrate(checkpoint.model, np.stack([p[0] for p in pairs]),
-                                       np.stack([p[1] for p in pairs]), post, fpr)
+    checkpoint.calibration = calibrate_model(checkpoint.model, np.stack([p[0] for p in pairs]),
+                                             np.stack([p[1] for p in pairs]), post, fpr, checkpoint.preprocessing)
     checkpoint.calibration["subjects"] = sorted(cached)
     save_checkpoint(checkpoint, path)
     add_to_manifest(path, checkpoint)

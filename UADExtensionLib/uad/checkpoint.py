@@ -18,6 +18,7 @@ import torch
 from uad import catalog
 from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
+from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -39,6 +40,14 @@ class Checkpoint:
     @property
     def threshold(self) -> float | None:
         return self.calibration.get("threshold")
+
+    def calibrated_postprocessing(self, mask_size_mm: int | None = None) -> PostprocessConfig:
+        """The post-processing calibrated on healthy data; masking models have a threshold per mask size."""
+        settings = dict(self.calibration.get("postprocessing") or {"threshold": 0.0})
+        by_mask_size = self.calibration.get("threshold_by_mask_size_mm", {})
+        if self.model.uses_mask_size and str(mask_size_mm) in by_mask_size:
+            settings["threshold"] = by_mask_size[str(mask_size_mm)]
+        return PostprocessConfig.from_dict(settings)
 
     def to_dict(self) -> dict:
         return {

@@ -12,6 +12,7 @@ red. Under the map column, a colour bar runs over the map's display range with a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from skimage import io
@@ -24,6 +25,7 @@ _MARGIN = 3  # voxels of background kept around the brain in each panel
 _COLOUR_BAR_HEIGHT = 10
 _RED = np.array([255, 40, 40], np.uint8)
 _WHITE = np.array([255, 255, 255], np.uint8)
+_GREEN = np.array([40, 220, 40], np.uint8)
 # Grey window: robust percentiles of the input inside the brain.
 _WINDOW_PERCENTILES = (1.0, 99.5)
 # The map is transparent below half the threshold, so near-threshold regions are seen before they segment.
@@ -74,6 +76,34 @@ def save_overview(
     figure = _join(rows, axis=0)
     bar = _colour_bar(figure.shape[1], width * zoom, threshold, map_low, map_high)
     io.imsave(os.fspath(path), _join([figure, bar], axis=0), check_contrast=False)
+
+
+def save_model_comparison(path: str | os.PathLike, columns: list[dict]) -> None:
+    """Malé et al. Figure 2: rows healthy / abnormal; columns the input, then each model's reconstruction and map.
+
+    Each entry of ``columns`` is one model on the same working-grid axial slice (canonical RAS (i, j) arrays):
+    ``healthy_image``, ``abnormal_image``, ``brain``, ``truth`` (the anomaly, outlined in green on the abnormal
+    input), ``{healthy,abnormal}_{reconstruction,map}`` and the model's ``threshold``. Maps are shown from half
+    to twice the model's own threshold, so a colour means the same for every model.
+    """
+    first = columns[0]
+    brain = np.asarray(first["brain"]) != 0
+    region = _in_plane_region(brain[..., None])
+    zoom = max(1, _TARGET_PANEL // 2 // max(region[0].stop - region[0].start, region[1].stop - region[1].start))
+    low, high = _window(first["healthy_image"], brain)
+    rows = []
+    for row in ("healthy", "abnormal"):
+        grey = _grey(_display(first[f"{row}_image"][region]), low, high, zoom)
+        panels = [grey if row == "healthy" else _outline(grey, _enlarge(_display(first["truth"][region]), zoom),
+                                                           _GREEN)]
+        for column in columns:
+            threshold = max(float(column["threshold"]), 1e-6)
+            panels.append(_grey(_display(column[f"{row}_reconstruction"][region]), low, high, zoom))
+            values = _enlarge(_display(column[f"{row}_map"][region]), zoom)
+            panels.append(_overlay_map(grey, values, threshold * _MAP_VISIBLE_FROM, 2 * threshold))
+        rows.append(_join(panels, axis=1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    io.imsave(os.fspath(path), _join(rows, axis=0), check_contrast=False)
 
 
 def choose_slices(segmented: np.ndarray, above: np.ndarray, brain: np.ndarray, n_slices: int) -> list[int]:
@@ -156,9 +186,9 @@ def _overlay_map(grey: np.ndarray, values: np.ndarray, low: float, high: float) 
     return np.round(grey * (1 - alpha) + colour * alpha).astype(np.uint8)
 
 
-def _outline(grey: np.ndarray, segmented: np.ndarray) -> np.ndarray:
+def _outline(grey: np.ndarray, segmented: np.ndarray, colour: np.ndarray = _RED) -> np.ndarray:
     picture = grey.copy()
-    picture[find_boundaries(segmented, mode="inner")] = _RED
+    picture[find_boundaries(segmented, mode="inner")] = colour
     return picture
 
 

@@ -30,7 +30,7 @@ from uad.errors import UserInputError
 from uad.figures import save_overview
 from uad.io import Volume, load_volume, save_volume
 from uad.options import MASK_SIZES_MM
-from uad.postprocessing import PostprocessConfig, median_filter, segment_filtered
+from uad.postprocessing import PostprocessConfig, erode_brain_mask, median_filter, segment_filtered
 from uad.preprocessing import preprocess
 from uad.progress import Progress
 
@@ -103,7 +103,7 @@ class Detector:
     @cached_property
     def postprocessing(self) -> PostprocessConfig:
         """The checkpoint's calibrated settings, overridden by what the user asked for."""
-        calibrated = dict(self.checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
+        calibrated = self.checkpoint.calibrated_postprocessing(self.options.mask_size).to_dict()
         overrides = {key: getattr(self.options, key)
                      for key in ("threshold", "median_mm", "brain_erosion_mm", "min_component_mm3", "top_k",
                                  "dilation_mm")
@@ -138,8 +138,7 @@ class Detector:
             seconds.update(prep.seconds)
             progress.update("inference", 0.0, f"running {checkpoint.name} on {self.device}")
             clock = time.perf_counter()
-            grid_spacing = prep.grid.spacing
-            mask_size_px = int(round(self.options.mask_size / grid_spacing))
+            mask_size_px = checkpoint.preprocessing.mask_size_px(self.options.mask_size)
             prediction = checkpoint.model.predict(prep.image, prep.brain_mask, mask_size_px=mask_size_px,
                                                        batch_size=self.options.batch_size,
                                                        progress=progress.stage_callback("inference"))
@@ -148,14 +147,21 @@ class Detector:
             progress.update("postprocessing", 0.0, "mapping back and segmenting")
             clock = time.perf_counter()
             brain = prep.input_brain_mask.data.astype(bool)
-            reconstruction = prep.to_input_space(prediction.reconstruction) * prep.intensity_scale
+            scale, offset = prep.intensity_scale, prep.intensity_offset
+            reconstruction = prep.to_input_space(prediction.reconstruction) * scale + offset
             reconstruction = np.where(brain, reconstruction, volume.data).astype(np.float32)
             residual = prep.to_input_space(prediction.residual) * brain
             anomaly_map = np.clip(prep.to_input_space(prediction.anomaly_map), 0, None) * brain
             spacing = tuple(float(s) for s in volume.spacing)
             filtered = median_filter(anomaly_map, brain, spacing, self.postprocessing.median_mm)
             segmentation = segment_filtered(filtered, brain, spacing, self.postprocessing, image=volume.data)
-            slice_scores, volume_score = _scores(filtered, brain, volume.affine)
+            # Slice scores where segmentation may flag: inside the eroded brain (the brain's rim is noisy).
+            scoring_region = erode_brain_mask(brain, spacing, self.postprocessing.brain_erosion_mm)
+            scored = filtered
+            if prediction.slice_scores is not None:  # the model's own slice scores, carried onto the input's slices
+                per_slice = np.broadcast_to(prediction.slice_scores, prep.image.shape)
+                scored = prep.to_input_space(np.ascontiguousarray(per_slice, np.float32)) * brain
+            slice_scores, volume_score = _scores(scored, brain, scoring_region, volume.affine)
             seconds["postprocessing"] = round(time.perf_counter() - clock, 2)
         finally:
             prep.close()
@@ -252,11 +258,14 @@ def superior_axis(affine: np.ndarray) -> tuple[int, bool]:
     return axis, bool(directions[2, axis] < 0)
 
 
-def _scores(filtered: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> tuple[list[float | None], float]:
-    """Slice score = 99th percentile of the filtered map in the slice's brain; volume score = the maximum."""
+def _scores(filtered: np.ndarray, brain: np.ndarray, region: np.ndarray,
+            affine: np.ndarray) -> tuple[list[float | None], float]:
+    """Slice score = 99th percentile of the filtered map in the slice's ``region`` (0 if the slice has brain but
+    none of the region, None without brain); volume score = the maximum."""
     axis, reversed_order = superior_axis(affine)
-    maps, masks = np.moveaxis(filtered, axis, 0), np.moveaxis(brain, axis, 0)
-    scores = [float(np.percentile(m[b], 99)) if b.any() else None for m, b in zip(maps, masks)]
+    maps, brains, regions = (np.moveaxis(a, axis, 0) for a in (filtered, brain, region))
+    scores = [None if not b.any() else float(np.percentile(m[r], 99)) if r.any() else 0.0
+              for m, b, r in zip(maps, brains, regions)]
     if reversed_order:
         scores = scores[::-1]
     present = [s for s in scores if s is not None]

@@ -76,6 +76,10 @@ class PreprocessConfig:
     normalisation_percentile: float = 99.0
     max_intensity: float = 1.5  # after normalisation; caps hyperintense outliers (e.g. fat, vessels)
 
+    def mask_size_px(self, mask_size_mm: float) -> int:
+        """A mask side in mm (the papers' pixels at 1 mm) -> working-grid pixels."""
+        return int(round(mask_size_mm / self.working_grid.spacing))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -98,6 +102,7 @@ class Preprocessed:
     brain_mask: np.ndarray  # (X, Y, Z) bool on the working grid
     input_brain_mask: Volume  # uint8 on the input's grid
     intensity_scale: float  # input units per normalised unit
+    intensity_offset: float = field(default=0.0, kw_only=True)  # input units at normalised 0 (z-scored inputs)
     input_reference: ants.ANTsImage = field(repr=False)
     transforms: list[str] = field(repr=False)  # input -> template, ANTs convention
     workdir: tempfile.TemporaryDirectory = field(repr=False)
@@ -152,6 +157,13 @@ def normalise_intensity(image: np.ndarray, mask: np.ndarray, config: PreprocessC
     return normalised.astype(np.float32), scale
 
 
+def background_value(data: np.ndarray) -> float:
+    """What fills the background: the minimum if it covers at least 5 % of the volume (a z-scored scan's
+    background is negative), else 0 (scattered negative values are interpolation noise, not background)."""
+    low = float(data.min())
+    return low if np.count_nonzero(data == low) >= 0.05 * data.size else 0.0
+
+
 def preprocess(
     volume: Volume,
     config: PreprocessConfig,
@@ -165,6 +177,11 @@ def preprocess(
             "give the mask made for this scan"
         )
     started = time.perf_counter()
+    # Z-scored scans (e.g. BraTS) have a negative background, which N4 and the percentile scaling cannot take:
+    # shift them so the background is 0 (a copy: the input is never modified); the reconstruction is shifted back.
+    offset = min(background_value(volume.data), 0.0)
+    if offset < 0:
+        volume = Volume(volume.data - offset, volume.affine)
     workdir = tempfile.TemporaryDirectory(prefix="uad-")
     native = to_ants(volume)
     coarse = _resample_to_spacing(native, config.resample_spacing_mm)
@@ -204,6 +221,7 @@ def preprocess(
         brain_mask=grid_mask,
         input_brain_mask=Volume(np.zeros(volume.shape, np.uint8), volume.affine),
         intensity_scale=scale,
+        intensity_offset=offset,
         input_reference=native,
         transforms=transforms,
         workdir=workdir,

@@ -4,6 +4,11 @@ Reproducible from one command and a seed; resumable (``last.pt`` every ``checkpo
 model, optimiser, step and random states); the checkpoint kept is the one with the best anomaly metric on
 the validation subjects (synthetic anomalies), not the lowest reconstruction loss — a model that copies its
 input reconstructs perfectly and detects nothing.
+
+The same command runs data-parallel under PyTorch's launcher, ``torchrun --nproc_per_node N -m uad train ...``
+(one process per GPU, or per CPU socket with gloo): each process draws its own share of every batch
+(``batch_size / N``, so the global batch and the learning rate stay those of a single-process run), DDP averages
+the gradients, and process 0 alone validates, writes checkpoints, fits the map statistics and calibrates.
 """
 
 from __future__ import annotations
@@ -15,21 +20,25 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import uad
 from uad.bundle import add_to_manifest
-from uad.calibration import calibrate, validation_auprc
-from uad.checkpoint import Checkpoint, save_checkpoint
+from uad.calibration import calibrate_model, validation_auprc
+from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
+from uad.models.slicewise import MAP_STATISTICS
 from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
 
@@ -54,6 +63,56 @@ class TrainConfig:
     skull_stripped: bool = False
     model_options: dict = field(default_factory=dict)
     fpr: float = 0.01  # calibrated default threshold: this fraction of healthy brain voxels flagged
+    init_from: str = ""  # a checkpoint whose matching weights start this model (two-stage models)
+
+
+# Process 0 alone validates, fits the map statistics and calibrates while the others wait in a collective; that
+# can take long on a big cohort. A failed process does not leave the others waiting: torchrun stops them all.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job, read from the variables torchrun sets; world size 1 = alone."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    backend: str = ""
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            if world_size <= 1:
+                return cls()
+            return cls(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                       world_size=world_size,
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+        except (KeyError, ValueError) as exc:
+            raise UserInputError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but RANK/LOCAL_RANK are missing "
+                                 f"or not numbers ({exc}); launch distributed training with torchrun") from exc
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(device_ids=[self.local_rank]) if self.backend == "nccl" else dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every process's ``value`` (any picklable object), in rank order, on every process."""
+        if not self.enabled:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
 
 @dataclass
@@ -67,14 +126,24 @@ class Cohort:
     subjects: dict
 
 
-def load_cohort(config: TrainConfig, preprocessing: PreprocessConfig) -> Cohort:
+def load_cohort(config: TrainConfig, preprocessing: PreprocessConfig, ddp: Distributed | None = None) -> Cohort:
+    """Under torchrun every process preprocesses its share of the scans into the cache, then all read them all."""
+    ddp = ddp or Distributed()
     subjects = find_subjects(config.data_dir)
     split = split_subjects([s.subject_id for s in subjects], seed=config.split_seed)
     wanted = set(split.train) | set(split.validation)  # test subjects are never even preprocessed here
     chosen = [s for s in subjects if s.subject_id in wanted]
-    with tqdm(total=len(chosen), desc="preprocessing cohort", unit="scan", file=sys.stderr) as bar:
-        cached = prepare_cohort(chosen, preprocessing, config.cache_dir, skull_stripped=config.skull_stripped,
+    mine = chosen[ddp.rank::ddp.world_size]
+    desc = f"preprocessing cohort (this process's share of {len(chosen)})" if ddp.enabled else "preprocessing cohort"
+    with tqdm(total=len(mine), desc=desc, unit="scan", file=sys.stderr, disable=not ddp.is_main) as bar:
+        cached = prepare_cohort(mine, preprocessing, config.cache_dir, skull_stripped=config.skull_stripped,
                                 progress=bar.update)
+    if ddp.enabled:
+        ddp.barrier()
+        if ddp.local_rank == 0:  # a no-op on a shared cache; else this node's cache lacks the other nodes' shares
+            prepare_cohort(chosen, preprocessing, config.cache_dir, skull_stripped=config.skull_stripped)
+        ddp.barrier()
+        cached = prepare_cohort(chosen, preprocessing, config.cache_dir, skull_stripped=config.skull_stripped)
 
     def stack(ids):
         pairs = [load_cached(cached[i]) for i in ids]
@@ -85,45 +154,106 @@ def load_cohort(config: TrainConfig, preprocessing: PreprocessConfig) -> Cohort:
     return Cohort(train_images, train_masks, validation_images, validation_masks, split.to_dict())
 
 
-def _provenance(config: TrainConfig, cohort: Cohort, steps: int, seconds: float, best: dict) -> dict:
+def _command(ddp: Distributed) -> str:
+    program = Path(sys.argv[0]).name
+    program = "uad" if program == "__main__.py" else program  # python -m uad, as torchrun -m uad runs it
+    if ddp.enabled:
+        nodes = ddp.world_size // max(ddp.local_world_size, 1)
+        launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
+                    "--nproc_per_node", str(ddp.local_world_size), *(["-m"] if program == "uad" else [])]
+        return " ".join([*launcher, program, *sys.argv[1:]])
+    return " ".join([program, *sys.argv[1:]])
+
+
+def _provenance(config: TrainConfig, cohort: Cohort, steps: int, seconds: float, best: dict,
+                ddp: Distributed | None = None) -> dict:
+    ddp = ddp or Distributed()
+    processes = f", {ddp.world_size} processes" if ddp.enabled else ""
     return {
         "data": str(Path(config.data_dir).resolve()),
         "subjects": cohort.subjects,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command(ddp),
         "config": asdict(config),
+        "world_size": ddp.world_size,  # processes of a torchrun job; config.batch_size is the global batch
         "steps": steps,
         "seconds": round(seconds, 1),
         "best_validation": best,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"uad": uad.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, device {resolve_device(config.device)}",
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, device {resolve_device(config.device)}"
+                    f"{processes}",
     }
 
 
 def train(config: TrainConfig) -> Path:
-    """Train (or fit) ``config.model`` and write ``out_dir/model.pt`` + ``manifest.json``; returns the path."""
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(resolve_device(config.device))
+    """Train (or fit) ``config.model`` and write ``out_dir/model.pt`` + ``manifest.json``; returns the path.
 
+    Launched by ``torchrun`` (WORLD_SIZE > 1 in the environment), every process runs this: ``config.batch_size``
+    is then the global batch, split evenly over the processes; only process 0 writes anything, and the others
+    return (the same path) once it has written model.pt.
+    """
+    ddp = Distributed.from_environment()
+    if config.batch_size % ddp.world_size:
+        raise UserInputError(f"--batch-size {config.batch_size} is the global batch and must split evenly over the "
+                             f"{ddp.world_size} processes; give a multiple of {ddp.world_size}")
     spec = get_spec(config.model)
     unknown = set(config.model_options) - {f.name for f in fields(spec.config_cls)}
     if unknown:
         known = ", ".join(f.name for f in fields(spec.config_cls))
         raise UserInputError(f"unknown option(s) {', '.join(sorted(unknown))} for {config.model}; known: {known}")
+    device = torch.device(resolve_device(config.device))
+    if ddp.enabled:
+        ddp = _start_process_group(ddp, device)
+        device = torch.device("cuda", ddp.local_rank) if device.type == "cuda" else device
+    try:
+        path = _train(config, spec, device, ddp)
+        ddp.barrier()  # the other processes wait here until process 0 has written model.pt
+    finally:
+        if ddp.enabled:
+            dist.destroy_process_group()
+    return path
+
+
+def _start_process_group(ddp: Distributed, device: torch.device) -> Distributed:
+    """NCCL between GPUs (one per process, by local rank), gloo between CPU processes."""
+    if device.type == "cuda":
+        if ddp.local_rank >= torch.cuda.device_count():
+            raise UserInputError(f"process {ddp.local_rank} of this node has no GPU of its own "
+                                 f"({torch.cuda.device_count()} visible); start at most that many per node "
+                                 "(torchrun --nproc_per_node)")
+        torch.cuda.set_device(ddp.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+    log.info("process %d of %d (%s)", ddp.rank, ddp.world_size, backend)
+    return Distributed(ddp.rank, ddp.local_rank, ddp.world_size, ddp.local_world_size, backend)
+
+
+def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) -> Path:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # the same initial weights in every process (DDP also copies process 0's)
+    rng = np.random.default_rng(config.seed + ddp.rank)  # but each process draws its own batches
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.pt"
+
     preprocessing = PreprocessConfig()
-    model = build_model(spec.config_cls.from_dict(config.model_options)).to(device)
-    cohort = load_cohort(config, preprocessing)
+    model = build_model(spec.config_cls.from_dict(config.model_options))
+    base = _initialise_from(model, config.init_from) if config.init_from else None
+    if ddp.rank:
+        torch.manual_seed(config.seed + ddp.rank)  # and its own random masks, noise, ... in the loss
+    model = model.to(device)
+    cohort = load_cohort(config, preprocessing, ddp)
 
     if not model.trainable:
+        if not ddp.is_main:
+            return path  # a closed-form fit has nothing to share out: process 0 does it
         clock = time.time()
         model.fit(cohort.train_images, cohort.train_masks)
         steps, best, loop_seconds = 0, {}, time.time() - clock
     else:
-        steps, best, loop_seconds = _train_loop(model, cohort, config, device, rng, out_dir)
+        steps, best, loop_seconds = _train_loop(model, cohort, config, device, rng, out_dir, ddp)
+        if not ddp.is_main:
+            return path
         # The kept weights are the best-validated ones, in a model built from this run's config: options that
         # only change scoring (e.g. ssim_weight) can be re-chosen by re-running with the same out folder.
         best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=True)
@@ -137,19 +267,61 @@ def train(config: TrainConfig) -> Path:
         best["auprc_final_map"] = round(validation_auprc(model, cohort.validation_images, cohort.validation_masks,
                                                          seed=config.seed), 4)
     post = PostprocessConfig(threshold=0.0)
-    calibration = calibrate(model, cohort.validation_images, cohort.validation_masks, post, config.fpr)
-    checkpoint = Checkpoint(model.cpu(), preprocessing, calibration,
-                            _provenance(config, cohort, steps, loop_seconds + time.time() - finishing, best))
-    path = out_dir / "model.pt"
+    calibration = calibrate_model(model, cohort.validation_images, cohort.validation_masks, post, config.fpr,
+                                  preprocessing)
+    provenance = _provenance(config, cohort, steps, loop_seconds + time.time() - finishing, best, ddp)
+    if base:
+        provenance["initialised_from"] = base
+    checkpoint = Checkpoint(model.cpu(), preprocessing, calibration, provenance)
     save_checkpoint(checkpoint, path)
     add_to_manifest(path, checkpoint)
     log.info("wrote %s (threshold %.4f)", path, calibration["threshold"])
     return path
 
 
+def _initialise_from(model: AnomalyModel, path: str) -> dict:
+    """Copy the weights ``model`` shares with a trained checkpoint (first stage of a two-stage model).
+
+    Returns what the provenance records: the base checkpoint's name, SHA-256 and its own training command.
+    """
+    base = load_checkpoint(Path(path))
+    own = model.state_dict()
+    copied = {k for k in own if model.keeps_stage_one_map or k not in MAP_STATISTICS}
+    shared = {k: v for k, v in base.model.state_dict().items() if k in copied}
+    mismatched = [k for k, v in shared.items() if v.shape != own[k].shape]
+    if not shared or mismatched:
+        raise UserInputError(f"{path} ({base.name}) does not fit a {model.config.name} model with these options "
+                             f"({len(shared)} shared weights, {len(mismatched)} of other shapes); give the checkpoint "
+                             "of its first stage trained with the same options")
+    model.load_state_dict(shared, strict=False)
+    return {"model": base.name, "path": str(Path(path).resolve()), "sha256": base.sha256,
+            "command": base.training.get("command", "")}
+
+
+class _LossStep(nn.Module):
+    """``model.loss`` as a module's forward, so DistributedDataParallel sees the training step go through it."""
+
+    def __init__(self, model: AnomalyModel):
+        super().__init__()
+        self.model = model
+        self.terms: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        output = self.model.loss(images, masks)
+        self.terms = output.terms
+        return output.total
+
+
 def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device: torch.device,
-                rng: np.random.Generator, out_dir: Path) -> tuple[int, dict, float]:
-    """Returns (steps done, best validation score and its step, wall seconds of the loop over all runs)."""
+                rng: np.random.Generator, out_dir: Path,
+                ddp: Distributed | None = None) -> tuple[int, dict, float]:
+    """Returns (steps done, best validation score and its step, wall seconds of the loop over all runs).
+
+    Under torchrun every process runs this with its own ``rng``; each draws ``batch_size / world_size`` slices
+    per step, and only process 0's return value means anything.
+    """
+    ddp = ddp or Distributed()
+    batch_size = config.batch_size // ddp.world_size
     images, masks = brain_slices_from_volumes(cohort.train_images, cohort.train_masks)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps,
@@ -162,14 +334,21 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
         optimiser.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         step, best, seconds = int(state["step"]), dict(state["best"]), float(state["seconds"])
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_random_states(state, rng, ddp, config.seed + step)
         log.info("resuming from step %d", step)
+    steps = ddp.gather(step)
+    if len(set(steps)) > 1:
+        raise UserInputError(f"the processes found different last.pt files in {out_dir} (steps {steps}); --out must "
+                             "be a folder every node sees, e.g. on a shared file system")
     if step >= config.steps:
         return step, best, seconds
     started = time.time() - seconds  # wall time of the loop, summed over resumed runs
 
     def save_state(path: Path) -> None:
+        random_states = ddp.gather({"numpy_rng": json.dumps(rng.bit_generator.state),
+                                    "torch_rng": torch.get_rng_state()})
+        if not ddp.is_main:
+            return
         state = {
             "checkpoint": Checkpoint(model, PreprocessConfig()).to_dict(),
             "optimizer": optimiser.state_dict(),
@@ -180,25 +359,34 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
             "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
         }
+        if ddp.enabled:
+            state["rank_rngs"] = random_states  # every process's, so a resumed job draws what it would have
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
 
+    loss_step = _LossStep(model)
+    # Frozen first stages (requires_grad=False) are ignored by DDP; every trainable weight is used in every loss.
+    forward = DistributedDataParallel(loss_step, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp.enabled else loss_step
     model.train()
-    bar = tqdm(total=config.steps, initial=step, desc=f"training {config.model}", file=sys.stderr)
+    bar = tqdm(total=config.steps, initial=step, desc=f"training {config.model}", file=sys.stderr,
+               disable=not ddp.is_main)
     try:
         while step < config.steps:
-            index = rng.integers(0, len(images), config.batch_size)
+            index = rng.integers(0, len(images), batch_size)
             x, m = _augment(images[index], masks[index], rng)
-            output = model.loss(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device))
+            # Mixed precision on GPUs (bfloat16 keeps float32's range: no loss scaling); CPUs train in float32.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                total = forward(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device))
             optimiser.zero_grad(set_to_none=True)
-            output.total.backward()
+            total.backward()  # under DDP: gradients averaged over the processes here
             optimiser.step()
             schedule.step()
             step += 1
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in output.terms.items()})
-            if step % config.validate_every == 0 or step == config.steps:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in loss_step.terms.items()})
+            if ddp.is_main and (step % config.validate_every == 0 or step == config.steps):
                 model.eval()
                 score = validation_auprc(model, cohort.validation_images, cohort.validation_masks, seed=config.seed)
                 model.train()
@@ -211,6 +399,21 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
     finally:
         bar.close()
     return step, best, time.time() - started
+
+
+def _restore_random_states(state: dict, rng: np.random.Generator, ddp: Distributed, fallback_seed: int) -> None:
+    """Process 0 (or a single process) continues its saved streams; the others theirs, if the job had as many."""
+    if ddp.is_main:
+        saved = {"numpy_rng": state["numpy_rng"], "torch_rng": state["torch_rng"]}
+    elif len(state.get("rank_rngs", [])) == ddp.world_size:
+        saved = state["rank_rngs"][ddp.rank]
+    else:  # resumed with more processes than the job that wrote last.pt: fresh, distinct streams
+        log.warning("last.pt holds no random state for process %d; it draws fresh batches", ddp.rank)
+        rng.bit_generator.state = np.random.default_rng([fallback_seed, ddp.rank]).bit_generator.state
+        torch.manual_seed(int(rng.integers(2**62)))
+        return
+    rng.bit_generator.state = json.loads(saved["numpy_rng"])
+    torch.set_rng_state(saved["torch_rng"])
 
 
 def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, min_brain_fraction: float = 0.05):

@@ -51,6 +51,7 @@ class AnomalyModel(nn.Module):
     config: ModelConfig
     trainable: ClassVar[bool] = True
     uses_mask_size: ClassVar[bool] = False
+    keeps_stage_one_map: ClassVar[bool] = False  # two-stage models whose anomaly map is their first stage's
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
 

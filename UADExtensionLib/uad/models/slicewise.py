@@ -18,7 +18,7 @@ from uad.models.base import AnomalyModel, ModelConfig, Prediction
 from uad.models.scoring import combined_anomaly_map
 
 MIN_BRAIN_FRACTION = 0.01  # slices with less brain than this are left at 0 (nothing to reconstruct)
-_MAP_STATISTICS = ("map_mean", "map_std")
+MAP_STATISTICS = ("map_mean", "map_std")
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,19 @@ class SliceModel(AnomalyModel):
     def reconstruct(self, images: torch.Tensor, masks: torch.Tensor, mask_size_px: int | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def reconstruct_with_weight(self, images: torch.Tensor, masks: torch.Tensor,
+                                mask_size_px: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(reconstruction, per-pixel weight of the anomaly map or None); models that know where to look override."""
+        return self.reconstruct(images, masks, mask_size_px), None
+
+    def score_slices(self, images: torch.Tensor, reconstructions: torch.Tensor,
+                     masks: torch.Tensor) -> torch.Tensor | None:
+        """(B,) anomaly score per slice, for models that score slices themselves; None for the others."""
+        return None
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # States saved during training, before the statistics are fitted, carry none: keep the unfitted ones.
-        current = {name: value for name, value in self.state_dict().items() if name in _MAP_STATISTICS}
+        current = {name: value for name, value in self.state_dict().items() if name in MAP_STATISTICS}
         return super().load_state_dict({**current, **state_dict}, strict=strict, assign=assign)
 
     @property
@@ -105,15 +115,23 @@ class SliceModel(AnomalyModel):
         images, masks = to_slices(image.astype(np.float32)), to_slices(brain_mask.astype(np.float32))
         keep = np.flatnonzero(masks.mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION)
         outputs = {key: np.zeros_like(images) for key in ("reconstruction", "residual", "anomaly_map")}
+        slice_scores = np.zeros(len(images), np.float32)  # slices without brain: not anomalous
+        scored = False
         for start in range(0, len(keep), batch_size):
             index = keep[start:start + batch_size]
             x = torch.from_numpy(images[index]).to(device)
             m = torch.from_numpy(masks[index]).to(device)
-            reconstruction = self.reconstruct(x, m, mask_size_px)
+            reconstruction, weight = self.reconstruct_with_weight(x, m, mask_size_px)
             residual, anomaly = combined_anomaly_map(x, reconstruction, m, self.config.ssim_weight)
+            if weight is not None:
+                anomaly = anomaly * weight
+            scores = self.score_slices(x, reconstruction, m)
+            if scores is not None:
+                slice_scores[index], scored = scores.float().cpu().numpy(), True
             outputs["reconstruction"][index] = reconstruction.float().cpu().numpy()
             outputs["residual"][index] = residual.float().cpu().numpy()
             outputs["anomaly_map"][index] = anomaly.float().cpu().numpy()
             if progress:
                 progress(min(start + batch_size, len(keep)) / max(len(keep), 1))
-        return Prediction(**{key: from_slices(value) for key, value in outputs.items()})
+        return Prediction(**{key: from_slices(value) for key, value in outputs.items()},
+                          slice_scores=slice_scores if scored else None)

@@ -1,0 +1,86 @@
+"""``uad bench``: the reference cost, the re-threshold timing, mask-size rows and the target check (no detect run)."""
+
+import numpy as np
+import pytest
+
+from uad import benchmark
+from uad.io import Volume
+
+from conftest import IXI_T1
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The paper's network (Swin-T MAE, 224 px, window 7, four stages) with random weights: it must run."""
+    return benchmark.reference_network()
+
+
+def test_reference_network_is_swin_t_sized(reference):
+    assert reference.patch_size == 4 and reference.position.shape == (1, 56, 56, 96)
+    assert [len(stage) for stage in reference.encoder] == [2, 2, 6, 2]
+    assert [stage[0].heads for stage in reference.encoder] == [3, 6, 12, 24]
+
+
+def test_reference_cost_is_positive_and_scales_with_passes(reference):
+    timings = benchmark.time_reference(3, passes={64: 1, 32: 12}, batch_size=1, batches=1, threads=1,
+                                       network=reference)
+    one, many = timings[64], timings[32]
+    assert one["seconds"] > 0 and one["seconds_per_slice_pass"] > 0
+    assert one["seconds"] == pytest.approx(one["seconds_per_slice_pass"] * 1 * 3)
+    assert many["seconds"] == pytest.approx(many["seconds_per_slice_pass"] * 12 * 3)
+    assert many["seconds"] > 4 * one["seconds"]  # 12x the passes; a pass costs the same whatever it masks
+
+
+def test_rethreshold_timing_returns_seconds():
+    timings = benchmark.time_rethreshold(shape=(96, 96, 96), runs=2, flagged_fractions=(0.05, 0.2))
+    assert [t["flagged_fraction"] for t in timings] == [0.05, 0.2]
+    assert all(t["seconds"] > 0 and t["runs"] == 2 for t in timings)
+    assert 0 < timings[0]["segmented_voxels"] < timings[1]["segmented_voxels"] < timings[0]["brain_voxels"]
+
+
+def test_masking_models_get_a_row_per_mask_size(monkeypatch):
+    monkeypatch.setattr(benchmark, "uses_mask_size", lambda model: model == "swin-mae")
+    variants = benchmark.detect_variants(["vqvae", "swin-mae"], [], ["cpu"])
+    assert [v["label"] for v in variants] == ["vqvae", "swin-mae (64 mm)", "swin-mae (32 mm)"]
+    assert variants[2]["args"] == ["--mask-size", "32", "--device", "cpu"]
+    fixed = benchmark.detect_variants(["swin-mae"], ["--mask-size", "32"], [None])
+    assert [(v["label"], v["args"]) for v in fixed] == [("swin-mae", ["--mask-size", "32"])]
+
+
+def test_brain_slices_become_1mm_slices():
+    affine = np.diag([0.9, 0.9, 1.2, 1.0])
+    assert benchmark.slices_at_1mm(Volume(np.zeros((4, 4, 150), np.float32), affine), 110) == 132
+    sagittal = np.array([[0, 0, 1.5, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # superior = 2nd axis
+    assert benchmark.slices_at_1mm(Volume(np.zeros((4, 4, 4), np.float32), sagittal), 100) == 100
+
+
+def _fake_detect(input_path, model, runs, args):
+    mask = int(args[args.index("--mask-size") + 1]) if "--mask-size" in args else None
+    process = {None: 20.0, 64: 70.0, 32: 90.0}[mask]  # 64 mm misses its 60 s target
+    seconds = {stage: 1.0 for stage in benchmark.STAGES} | {"inference": process / 2, "process": process}
+    return {"seconds": seconds, "peak_memory_mb": 1500.0, "device": "cpu", "runs": runs, "brain_slices": 110}
+
+
+def test_bench_writes_mask_rows_reference_targets_and_rethreshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "uses_mask_size", lambda model: model == "swin-mae")
+    monkeypatch.setattr(benchmark, "time_detect", _fake_detect)
+    monkeypatch.setattr(benchmark, "time_reference", lambda n, **kw: {
+        64: {"passes": 6, "seconds_per_slice_pass": 0.5, "seconds": 0.5 * 6 * n, "slices": n},
+        32: {"passes": 30, "seconds_per_slice_pass": 0.5, "seconds": 0.5 * 30 * n, "slices": n}})
+    monkeypatch.setattr(benchmark, "time_rethreshold", lambda: [
+        {"flagged_fraction": 0.01, "seconds": 0.05, "runs": 5, "shape": (256,) * 3, "brain_voxels": 1_500_000,
+         "segmented_voxels": 9000}])
+    monkeypatch.setattr(benchmark, "_record_expected_seconds", lambda results: None)  # the package's manifest
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "BENCHMARKS.md"
+    results = benchmark.bench(IXI_T1, ["vqvae", "swin-mae"], 1, str(out), [])
+    assert list(results) == ["vqvae", "swin-mae (64 mm)", "swin-mae (32 mm)"]
+    assert [r["target"]["met"] for r in results.values()] == [True, False, True]
+    text = out.read_text()
+    assert "| swin-mae (64 mm) | cpu |" in text and "≤ 60 s, ≤ 4 GB | **no** (time) |" in text
+    assert "| swin-mae (32 mm) | cpu |" in text and "≤ 120 s, ≤ 4 GB | yes |" in text
+    assert "no GPU present" in text
+    slices = benchmark.slices_at_1mm(benchmark.load_volume(IXI_T1), 110)
+    assert f"over the {slices} axial 1 mm slices" in text
+    assert f"| {0.5 * 6 * slices:.0f} | swin-mae (64 mm) | 35.0 | 70.0 | {0.5 * 6 * slices / 35:.0f}× |" in text
+    assert "| 1% | 9000 | 0.050 | yes |" in text

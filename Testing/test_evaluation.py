@@ -1,0 +1,71 @@
+"""The evaluation's bookkeeping: one row per mask size, failed cases reported, slice scores, the figure."""
+
+from pathlib import Path
+
+import numpy as np
+from skimage import io
+
+from uad.checkpoint import Checkpoint
+from uad.evaluation import _lesion_markdown, variants_of, working_grid_slice_scores
+from uad.figures import save_model_comparison
+from uad.models import Prediction, build_model
+from uad.models.intensity import IntensityConfig
+from uad.models.swin_mae import SwinMAEConfig
+from uad.preprocessing import PreprocessConfig
+
+
+def test_masking_models_are_evaluated_once_per_mask_size_with_their_own_threshold():
+    calibration = {"postprocessing": {"threshold": 2.0}, "threshold_by_mask_size_mm": {"32": 1.0, "64": 2.0}}
+    swin = Checkpoint(build_model(SwinMAEConfig()), PreprocessConfig(), calibration)
+    variants = variants_of(swin, Path("swin-mae.pt"))
+    assert [v.label for v in variants] == ["swin-mae (64 mm)", "swin-mae (32 mm)"]
+    assert [v.postprocessing.threshold for v in variants] == [2.0, 1.0]
+    plain = Checkpoint(build_model(IntensityConfig()), PreprocessConfig(), {"postprocessing": {"threshold": 3.0}})
+    assert [v.label for v in variants_of(plain, Path("intensity.pt"))] == ["intensity"]
+
+
+def test_slice_scores_come_from_the_model_when_it_has_them():
+    mask = np.zeros((20, 20, 12), bool)
+    mask[2:18, 2:18, 2:10] = True
+    filtered = np.zeros(mask.shape, np.float32)
+    filtered[..., 5] = 5.0
+    filtered[2, 2, 3] = 99.0  # on the brain's rim: outside the eroded brain that segmentation (and scoring) uses
+    variant = variants_of(Checkpoint(build_model(IntensityConfig()), PreprocessConfig()), Path("x.pt"))[0]
+    empty = np.zeros(mask.shape, np.float32)
+    from_map = working_grid_slice_scores(variant, Prediction(empty, empty, filtered), filtered, mask)
+    np.testing.assert_allclose(from_map, np.eye(12)[5] * 5.0)
+    own = np.linspace(0, 1, 12).astype(np.float32)
+    scored = Prediction(empty, empty, filtered, slice_scores=own)
+    np.testing.assert_array_equal(working_grid_slice_scores(variant, scored, filtered, mask), own)
+
+
+def test_a_failed_case_is_a_row_and_pooled_slice_auroc_uses_the_others():
+    case = {"dice": 0.5, "best_dice": 0.6, "auprc": 0.4, "auroc": 0.9, "slice_auroc": 1.0, "flagged_ml": 3.0,
+            "lesion_ml": 2.0, "slice_scores": [0.1, 0.2, 0.9, 0.8], "slice_truth": [False, False, True, True]}
+    results = {"vqvae": {"lesions": {"mslub T1": case, "tcga T1": {"error": "the brain region has no signal"}}}}
+    markdown = _lesion_markdown(results, [], "lesions", "Real lesions")
+    assert "failed: the brain region has no signal" in markdown
+    assert "| vqvae | 1 | 4 | 2 | 1.000 |" in markdown
+
+
+def test_the_model_comparison_picture_has_a_row_per_scan_and_two_panels_per_model(tmp_path):
+    rng = np.random.default_rng(0)
+    brain = np.zeros((40, 48), bool)
+    brain[5:35, 6:42] = True
+    truth = np.zeros_like(brain)
+    truth[15:22, 20:28] = True
+
+    def column(label):
+        image = rng.random(brain.shape).astype(np.float32) * brain
+        return {"label": label, "threshold": 1.0, "healthy_image": image, "abnormal_image": image, "brain": brain,
+                "truth": truth, **{f"{row}_{kind}": image for row in ("healthy", "abnormal")
+                                   for kind in ("reconstruction", "map")}}
+
+    path = tmp_path / "figure.png"
+    save_model_comparison(path, [column("a"), column("b"), column("c")])
+    picture = io.imread(path)
+    single = tmp_path / "single.png"
+    save_model_comparison(single, [column("a")])
+    assert picture.shape[0] == io.imread(single).shape[0]  # two rows either way
+    assert picture.shape[1] > 2 * io.imread(single).shape[1]  # 1 + 2 x 3 panels against 1 + 2
+    assert picture.std() > 0

@@ -1,0 +1,60 @@
+"""Real lesion shapes placed into healthy working-grid volumes (EVALUATION.md protocol 2)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from uad.lesion_shapes import add_stroke_lesion, lesion_shape_files, shape_on_grid
+from uad.preprocessing import WORKING_GRID
+
+SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])  # as the SOOP masks
+
+
+def ball_mask(path, centre_ras_mm, radius_mm: float = 8.0):
+    """A 1 mm MNI-space mask with a ball at ``centre_ras_mm`` (world RAS), like a SOOP lesion file."""
+    shape = (157, 189, 136)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    world = ijk @ SOOP_AFFINE[:3, :3].T + SOOP_AFFINE[:3, 3]
+    data = (np.linalg.norm(world - np.asarray(centre_ras_mm), axis=-1) <= radius_mm).astype(np.uint8)
+    nib.save(nib.Nifti1Image(data, SOOP_AFFINE), str(path))
+    return path
+
+
+def working_grid_world_ras(index) -> np.ndarray:
+    """RAS mm of a working-grid voxel (the grid is defined in LPS)."""
+    direction = np.reshape(WORKING_GRID.direction, (3, 3))
+    lps = np.asarray(WORKING_GRID.origin) + direction @ (np.asarray(index) * WORKING_GRID.spacing)
+    return lps * np.array([-1, -1, 1])
+
+
+def test_a_shape_lands_at_its_own_mni_position(tmp_path):
+    """A ball in the right hemisphere, anterior and superior stays there on the working grid."""
+    centre = (30.0, 20.0, 25.0)  # RAS mm: right, anterior, superior
+    fraction = shape_on_grid(ball_mask(tmp_path / "sub-1_lesion.nii.gz", centre))
+    assert fraction.shape == WORKING_GRID.shape and 0 <= fraction.min() and fraction.max() <= 1
+    centroid = np.argwhere(fraction >= 0.5).mean(axis=0)
+    np.testing.assert_allclose(working_grid_world_ras(centroid), centre, atol=2.0)
+    assert (fraction >= 0.5).sum() * 8 == pytest.approx(4 / 3 * np.pi * 8**3, rel=0.25)  # volume kept, in mm³
+
+
+def test_the_lesion_is_dark_soft_edged_inside_the_brain_and_the_input_is_untouched(tmp_path):
+    ball_mask(tmp_path / "sub-1_lesion.nii.gz", (30.0, 20.0, 25.0))
+    ball_mask(tmp_path / "sub-2_lesion.nii.gz", (-20.0, -10.0, 10.0), radius_mm=1.0)  # too small to use
+    shapes = lesion_shape_files(tmp_path)
+    rng = np.random.default_rng(0)
+    brain = np.zeros(WORKING_GRID.shape, bool)
+    brain[10:70, 10:86, 10:70] = True
+    image = np.where(brain, rng.uniform(0.5, 1.0, WORKING_GRID.shape), 0).astype(np.float32)
+    original = image.copy()
+    modified, truth, name = add_stroke_lesion(image, brain, rng, shapes, min_volume_ml=1.0)
+    assert name == "sub-1_lesion.nii.gz" and np.array_equal(image, original)
+    truth = truth.astype(bool)
+    assert truth.any() and not (truth & ~brain).any()
+    fill = np.percentile(original[brain], 5)
+    np.testing.assert_allclose(modified[truth], fill, atol=1e-5)
+    changed = ~np.isclose(modified, original)
+    rim = changed & ~truth
+    assert rim.any() and not (changed & ~brain).any()  # a blended edge, never outside the brain
+    far = np.ones_like(brain)
+    far[np.argwhere(truth).min(0)[0] - 5:np.argwhere(truth).max(0)[0] + 6] = False
+    assert np.array_equal(modified[far], original[far])

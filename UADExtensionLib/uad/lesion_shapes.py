@@ -1,0 +1,52 @@
+"""Realistic anomalies (EVALUATION.md protocol 2): real stroke-lesion masks placed into healthy scans.
+
+The masks (``data/lesion_shapes``) are in MNI space, like the working grid, so a mask is resampled onto the
+grid at its own anatomical position (no warp needed). The lesion is painted hypointense, like a chronic stroke
+cavity on T1: the intensity of the darkest 5 % of the scan's brain (CSF-like), blended in over a softened
+edge (Gaussian, sigma 1 voxel) so no model can find it by an artificial step at the border. Masks smaller than
+``min_volume_ml`` inside the brain are skipped: at 2 mm a smaller lesion is a handful of voxels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ants
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from uad.io import Volume
+from uad.preprocessing import WORKING_GRID, Grid, to_ants
+
+
+def lesion_shape_files(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.nii*"))
+
+
+def shape_on_grid(path: Path, grid: Grid = WORKING_GRID) -> np.ndarray:
+    """A lesion mask resampled onto ``grid`` as a fraction in [0, 1] per voxel."""
+    image = nib.load(str(path))
+    moving = to_ants(Volume((np.asarray(image.dataobj) > 0).astype(np.float32), image.affine))
+    resampled = ants.resample_image_to_target(moving, grid.reference_image(), interp_type="linear")
+    return np.clip(resampled.numpy(), 0, 1).astype(np.float32)
+
+
+def add_stroke_lesion(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.Generator, shapes: list[Path],
+                      min_volume_ml: float = 1.0, spacing_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image with one hypointense real lesion shape, its uint8 truth, the shape file's name)."""
+    brain = brain_mask > 0
+    voxel_ml = spacing_mm**3 / 1000
+    for _ in range(200):
+        path = shapes[rng.integers(len(shapes))]
+        fraction = shape_on_grid(path) * brain
+        truth = fraction >= 0.5
+        if truth.sum() * voxel_ml >= min_volume_ml:
+            break
+    else:
+        raise ValueError(f"no lesion shape of at least {min_volume_ml} ml found in 200 draws")
+    fill = float(np.percentile(image[brain], 5))
+    weight = np.clip(gaussian_filter(truth.astype(np.float32), sigma=1.0), 0, 1) * brain
+    weight = np.maximum(weight, truth)  # the lesion itself is fully filled; only its rim is blended
+    modified = (image * (1 - weight) + fill * weight).astype(np.float32)
+    return modified, truth.astype(np.uint8), path.name
