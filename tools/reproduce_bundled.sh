@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The commands that produced the bundled weights, model cards, demo picture and BENCHMARKS.md.
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
-# 2-core CPU, no GPU: preprocessing cache ~20 min once, intensity ~1 min, vqvae ~25 min, evaluate ~8 min,
-# bench ~3 min. Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
+# 2-core CPU, no GPU (times when run one at a time): preprocessing cache ~20 min once, intensity ~1 min,
+# vqvae ~25 min, rae ~40 min, swin-mae ~45 min, vqvae-transformer ~20 min, mae-classifier ~15 min,
+# evaluate ~1.5 h for all models (results cached per model), bench ~10 min.
+# Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
 set -euo pipefail
 DATA=../shared/data
 CACHE=${UAD_CACHE:-$HOME/.cache/uad}
