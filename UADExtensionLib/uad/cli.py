@@ -174,7 +174,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from uad.evaluation import EvaluationConfig, evaluate
 
     results = evaluate(EvaluationConfig(data_dir=args.data, models=tuple(args.models), cache_dir=args.cache,
-                                        out=args.out, seed=args.seed, figure=args.figure, results_json=args.results))
+                                        out=args.out, seed=args.seed, figure=args.figure, results_json=args.results,
+                                        mask_sizes_mm=tuple(args.mask_sizes)))
     for name, r in results.items():
         synthetic = r["synthetic"]
         print(f"{name}: SSIM {synthetic['ssim_ixi']:.3f}, AUROC {synthetic['auroc_pooled']:.3f}, "
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="BENCHMARKS.md")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--figure", default="Resources/model-comparison.png", help="Figure-2-style picture")
+    evaluate.add_argument("--mask-sizes", nargs="+", type=int, choices=MASK_SIZES_MM, default=list(MASK_SIZES_MM),
+                          help="mask sizes (mm) at which masking models are evaluated, each a row")
     evaluate.add_argument("--results", default="Resources/evaluation-results.json", help="the figures as JSON")
     evaluate.set_defaults(handler=_cmd_evaluate)
 

@@ -65,6 +65,7 @@ class EvaluationConfig:
     copies_per_scan: int = 2
     figure: str = "Resources/model-comparison.png"
     results_json: str = "Resources/evaluation-results.json"  # the figures in machine-readable form (model cards)
+    mask_sizes_mm: tuple[int, ...] = MASK_SIZES_MM  # masking models are evaluated once per size listed here
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class Variant:
         return median_filter(prediction.anomaly_map, mask, SPACING, self.postprocessing.median_mm)
 
 
-def variants_of(checkpoint: Checkpoint, path: Path) -> list[Variant]:
-    """The default (64 mm) mask first: it is the one the figure and the defaults use."""
+def variants_of(checkpoint: Checkpoint, path: Path, mask_sizes_mm=MASK_SIZES_MM) -> list[Variant]:
+    """The largest (default, 64 mm) mask first: it is the one the figure uses."""
     if not checkpoint.model.uses_mask_size:
         return [Variant(checkpoint, path, None)]
-    return [Variant(checkpoint, path, mm) for mm in sorted(MASK_SIZES_MM, reverse=True)]
+    return [Variant(checkpoint, path, mm) for mm in sorted(mask_sizes_mm, reverse=True)]
 
 
 def working_grid_slice_scores(variant: Variant, prediction, filtered: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -257,7 +258,7 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
         ixi_test = _cohort(ixi_dir, test_ids, checkpoint, config.cache_dir, skull_stripped=False)
         mass = _cohort(mass_dir, None, checkpoint, config.cache_dir, skull_stripped=True) if mass_dir.is_dir() else {}
         held_out = HeldOut(data, ixi_test, mass, shapes)
-        for variant in variants_of(checkpoint, path):
+        for variant in variants_of(checkpoint, path, config.mask_sizes_mm):
             cache_path = _result_cache_path(config, variant)
             result = json.loads(cache_path.read_text()) if cache_path.exists() else {}
             for protocol in PROTOCOLS:
@@ -265,7 +266,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
                     result[protocol] = run_protocol(protocol, variant, held_out, config)
                     _write_json(cache_path, result)
             results[variant.label] = result
-        figure_columns.append(_figure_column(variants_of(checkpoint, path)[0], ixi_test, config.seed))
+        figure_columns.append(_figure_column(variants_of(checkpoint, path, config.mask_sizes_mm)[0], ixi_test,
+                                             config.seed))
     if figure_columns and config.figure:
         save_model_comparison(config.figure, figure_columns)
     if config.results_json:
@@ -322,7 +324,9 @@ def _figure_column(variant: Variant, ixi_test: dict, seed: int) -> dict:
 
 
 def _markdown(results: dict[str, dict], config: EvaluationConfig, figure_labels: list[str]) -> dict[str, str]:
-    command = f"`uad evaluate --data {config.data_dir} --models {' '.join(config.models)}` (seed {config.seed})"
+    sizes = "" if tuple(config.mask_sizes_mm) == MASK_SIZES_MM else \
+        f" --mask-sizes {' '.join(map(str, config.mask_sizes_mm))}"
+    command = f"`uad evaluate --data {config.data_dir} --models {' '.join(config.models)}{sizes}` (seed {config.seed})"
     provenance = [f"Command: {command}.", f"Hardware and date: {hardware_line()}.", ""]
     return {
         "synthetic": _synthetic_markdown(results, provenance, config),
