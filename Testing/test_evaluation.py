@@ -20,6 +20,7 @@ def test_masking_models_are_evaluated_once_per_mask_size_with_their_own_threshol
     variants = variants_of(swin, Path("swin-mae.pt"))
     assert [v.label for v in variants] == ["swin-mae (64 mm)", "swin-mae (32 mm)"]
     assert [v.postprocessing.threshold for v in variants] == [2.0, 1.0]
+    assert [v.label for v in variants_of(swin, Path("swin-mae.pt"), (64,))] == ["swin-mae (64 mm)"]  # --mask-sizes
     plain = Checkpoint(build_model(IntensityConfig()), PreprocessConfig(), {"postprocessing": {"threshold": 3.0}})
     assert [v.label for v in variants_of(plain, Path("intensity.pt"))] == ["intensity"]
 
@@ -69,3 +70,17 @@ def test_the_model_comparison_picture_has_a_row_per_scan_and_two_panels_per_mode
     assert picture.shape[0] == io.imread(single).shape[0]  # two rows either way
     assert picture.shape[1] > 2 * io.imread(single).shape[1]  # 1 + 2 x 3 panels against 1 + 2
     assert picture.std() > 0
+
+
+def test_a_model_whose_map_is_its_first_stage_points_to_that_row():
+    from uad.evaluation import EvaluationConfig, _synthetic_markdown
+
+    row = {"ssim_ixi": 0.6, "ssim_mass": 0.5, "auroc_mean": 0.8, "auprc_mean": 0.3, "auroc_pooled": 0.8,
+           "auprc_pooled": 0.3, "dice_mean": 0.2, "threshold": 2.0, "flagged_ml_ixi": 1.0, "flagged_ml_mass": 2.0,
+           "cases": 60, "n_ixi": 30, "n_mass": 15}
+    results = {"intensity": {"synthetic": {**row, "auprc_pooled": 0.4}}, "swin-mae (64 mm)": {"synthetic": row},
+               "mae-classifier": {"synthetic": {"same_as_stage_one": "swin-mae"}}}
+    markdown = _synthetic_markdown(results, [], EvaluationConfig("data", ("intensity",), "cache"))
+    assert "| swin-mae (64 mm) |" in markdown and "| mae-classifier |" not in markdown
+    assert "`mae-classifier`'s pixel map and threshold are those of its first stage `swin-mae`" in markdown
+    assert "| **no** |" in markdown and "Best model by pooled AUPRC: **intensity**" in markdown

@@ -24,7 +24,7 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier --default vqvae
 MODELS="intensity vqvae vqvae-transformer rae swin-mae mae-classifier"
-uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE"
+uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)
 python tools/write_model_cards.py
-uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models $MODELS --runs 3
+uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models $MODELS --runs 1
 uad demo --out /tmp/uad-demo && cp /tmp/uad-demo/overview.png Resources/demo-overview.png

@@ -72,6 +72,10 @@ def _figures(name: str) -> str:
     parts = []
     for label, r in rows:
         synthetic, stroke = r["synthetic"], r.get("stroke") or {}
+        if "same_as_stage_one" in synthetic:
+            parts.append(f"{label}: pixel map as `{synthetic['same_as_stage_one']}`; stroke shapes slice AUROC "
+                         f"{stroke['slice_auroc']:.3f} (its classifier)")
+            continue
         parts.append(f"{label}: synthetic AUROC {synthetic['auroc_pooled']:.3f} / AUPRC {synthetic['auprc_pooled']:.3f}"
                      f", healthy SSIM {synthetic['ssim_ixi']:.3f}"
                      + (f", stroke shapes AUPRC {stroke['auprc']:.3f}, slice AUROC {stroke['slice_auroc']:.3f}"

@@ -234,6 +234,9 @@ class HeldOut:
 
 
 def run_protocol(protocol: str, variant: Variant, held_out: HeldOut, config: EvaluationConfig) -> dict:
+    if protocol == "synthetic" and variant.checkpoint.model.keeps_stage_one_map:
+        # Same map and (calibrated on the same data) the same threshold as stage 1: the same figures; not re-run.
+        return {"same_as_stage_one": variant.checkpoint.training.get("initialised_from", {}).get("model", "?")}
     if protocol == "synthetic":
         return evaluate_synthetic(variant, held_out.ixi_test, held_out.mass, config.seed, config.copies_per_scan)
     if protocol == "stroke":
@@ -350,7 +353,11 @@ def _markdown(results: dict[str, dict], config: EvaluationConfig, figure_labels:
 
 
 def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config: EvaluationConfig) -> str:
-    synthetic = {label: r["synthetic"] for label, r in results.items()}
+    synthetic = {label: r["synthetic"] for label, r in results.items() if "same_as_stage_one" not in r["synthetic"]}
+    shared = [f"`{label}`'s pixel map and threshold are those of its first stage "
+              f"`{r['synthetic']['same_as_stage_one']}` (64 mm), so its synthetic figures are that row's "
+              "(not recomputed)."
+              for label, r in results.items() if "same_as_stage_one" in r["synthetic"]]
     baseline = synthetic.get("intensity")
     rows = []
     for label, r in synthetic.items():
@@ -387,6 +394,7 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         table(["model", "SSIM IXI", "SSIM MASS", "AUROC (mean)", "AUPRC (mean)", "AUROC (pooled)",
                "AUPRC (pooled)", "Dice @ calibrated", "threshold", "flagged ml, healthy IXI",
                "flagged ml, healthy MASS", "beats intensity"], rows),
+        *shared,
         "",
         "Flagged ml: mean volume the default segmentation marks on the clean healthy scans (all of it false "
         "positive) — the same-site IXI test scans and the other-site MASS scans.",
