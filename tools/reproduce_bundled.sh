@@ -22,7 +22,7 @@ uad train --model vqvae-transformer --init-from runs/vqvae/model.pt --data "$DAT
 uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DATA/healthy/ixi_t1" \
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
-    runs/mae-classifier --default vqvae
+    runs/mae-classifier --default rae
 MODELS="intensity vqvae vqvae-transformer rae swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)
 python tools/write_model_cards.py
