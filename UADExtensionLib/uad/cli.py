@@ -178,6 +178,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                         mask_sizes_mm=tuple(args.mask_sizes)))
     for name, r in results.items():
         synthetic = r["synthetic"]
+        if "same_as_stage_one" in synthetic:
+            print(f"{name}: pixel map as {synthetic['same_as_stage_one']}; slice AUROC (stroke shapes) "
+                  f"{r['stroke']['slice_auroc']:.3f}")
+            continue
         print(f"{name}: SSIM {synthetic['ssim_ixi']:.3f}, AUROC {synthetic['auroc_pooled']:.3f}, "
               f"AUPRC {synthetic['auprc_pooled']:.3f}")
     print(f"written to {args.out}")

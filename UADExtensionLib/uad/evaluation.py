@@ -367,6 +367,8 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         rows.append([label, r["ssim_ixi"], r["ssim_mass"], r["auroc_mean"], r["auprc_mean"], r["auroc_pooled"],
                      r["auprc_pooled"], r["dice_mean"], f"{r['threshold']:.4g}", f"{r['flagged_ml_ixi']:.1f}",
                      f"{r['flagged_ml_mass']:.1f}", beats])
+    if not synthetic:
+        return "\n".join(["## Synthetic anomalies (Malé et al. protocol; EVALUATION.md protocol 1)", "", *shared])
     first = next(iter(synthetic.values()))
     best_label = max(synthetic, key=lambda label: synthetic[label]["auprc_pooled"])
     best = synthetic[best_label]
@@ -394,6 +396,7 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         table(["model", "SSIM IXI", "SSIM MASS", "AUROC (mean)", "AUPRC (mean)", "AUROC (pooled)",
                "AUPRC (pooled)", "Dice @ calibrated", "threshold", "flagged ml, healthy IXI",
                "flagged ml, healthy MASS", "beats intensity"], rows),
+        "",
         *shared,
         "",
         "Flagged ml: mean volume the default segmentation marks on the clean healthy scans (all of it false "
