@@ -40,3 +40,15 @@ def write_nifti(tmp_path):
         return path
 
     return write
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``uad ARGV`` in this process: (exit code, stdout, stderr)."""
+    from uad.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse usage errors exit directly
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -10,23 +10,13 @@ import numpy as np
 import pytest
 
 from uad import catalog
-from uad.cli import main
 from uad.inference import OUTPUT_FILES
 
-from conftest import IXI_MASK, IXI_T1
+from conftest import IXI_MASK, IXI_T1, run_cli
 
 
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse usage errors exit directly
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 
 import uad.inference
-from uad.cli import main
 from uad.cohort import Case, Shard, is_cohort, list_cases
 from uad.errors import UserInputError
 from uad.inference import OUTPUT_FILES
 
-from conftest import IXI_MASK, IXI_T1
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse usage errors exit directly
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import IXI_MASK, IXI_T1, run_cli
 
 
 def touch(folder, *names):
