@@ -69,10 +69,13 @@ def calibrate_model(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, 
     return calibration
 
 
+SYNTHETIC_VALIDATION_SEED_OFFSET = 1000  # validation anomalies are drawn apart from any other seeded stream
+
+
 def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, seed: int = 0,
                      anomalies_per_volume: int = 2, spacing_mm: float = 2.0) -> float:
     """Pooled voxel AUPRC on synthetic anomalies in the validation volumes (fixed seed: comparable over steps)."""
-    rng = np.random.default_rng(seed + 1000)
+    rng = np.random.default_rng(seed + SYNTHETIC_VALIDATION_SEED_OFFSET)
     post = PostprocessConfig(threshold=0.0)
     scores, labels, brains = [], [], []
     for image, mask in zip(images, masks):

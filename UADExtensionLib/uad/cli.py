@@ -31,10 +31,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"uad: error: {message}; see '{self.prog} --help'\n")
 
 
-def _set_threads() -> None:
+def _set_threads(registration_threads: int | None = None) -> None:
     # Unset thread counts made CPU runs 5-10x slower here (UAD_FIELD.md 4.3): use every core explicitly.
     cores = str(os.cpu_count() or 1)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", cores)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(registration_threads or cores))
     os.environ.setdefault("OMP_NUM_THREADS", cores)
     import torch
 
@@ -170,7 +170,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _set_threads()
+    # One ITK thread: multi-threaded registration sums its metric in a varying order, so the preprocessed volumes
+    # (and every figure) would differ slightly from run to run; one thread makes two runs give the same numbers.
+    _set_threads(registration_threads=1)
     from uad.evaluation import EvaluationConfig, evaluate
 
     results = evaluate(EvaluationConfig(data_dir=args.data, models=tuple(args.models), cache_dir=args.cache,

@@ -18,8 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ants
-import ants.config
 import numpy as np
 from scipy import ndimage
 
@@ -27,6 +25,19 @@ from uad import resources
 from uad.errors import UserInputError
 from uad.io import Volume
 
+
+class _LazyAnts:
+    """``ants`` imported at first use: the configs here are needed by training from a cache, calibration and the
+    checkpoint loader, which never touch antspyx (slow to import; not installable on every training machine)."""
+
+    def __getattr__(self, name: str):
+        import ants
+        import ants.config  # noqa: F401  (the submodule _register uses)
+
+        return getattr(ants, name)
+
+
+ants = _LazyAnts()
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 REGISTRATION_SEED = 1
 

@@ -326,14 +326,15 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps,
                                                           eta_min=config.learning_rate / 50)
-    step, best, seconds = 0, {"auprc": -1.0, "step": 0}, 0.0
+    # best also keeps the whole validation curve (step, AUPRC), so a model card can show whether more would help
+    step, best, seconds = 0, {"auprc": -1.0, "step": 0, "curve": []}, 0.0
     last_path = out_dir / "last.pt"
     if last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(state["checkpoint"]["state_dict"])
         optimiser.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        step, best, seconds = int(state["step"]), dict(state["best"]), float(state["seconds"])
+        step, best, seconds = int(state["step"]), {"curve": [], **state["best"]}, float(state["seconds"])
         _restore_random_states(state, rng, ddp, config.seed + step)
         log.info("resuming from step %d", step)
     steps = ddp.gather(step)
@@ -391,8 +392,9 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
                 score = validation_auprc(model, cohort.validation_images, cohort.validation_masks, seed=config.seed)
                 model.train()
                 log.info("step %d: validation AUPRC %.4f", step, score)
+                best["curve"] = [*best["curve"], [step, round(score, 4)]]
                 if score > best["auprc"]:
-                    best = {"auprc": round(score, 4), "step": step}
+                    best = {**best, "auprc": round(score, 4), "step": step}
                     torch.save(Checkpoint(model, PreprocessConfig()).to_dict(), out_dir / "best.pt")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_state(last_path)

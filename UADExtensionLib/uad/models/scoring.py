@@ -7,6 +7,7 @@ what an intensity residual misses: regions whose texture differs while their mea
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +44,41 @@ def combined_anomaly_map(images: torch.Tensor, reconstructions: torch.Tensor, ma
         return residual, residual
     structural = (1 - ssim_map(images, reconstructions)).clamp(min=0) * masks
     return residual, residual + ssim_weight * structural
+
+
+def healthy_map_statistics(raw_maps, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean and spread of raw anomaly maps over healthy brains; ``raw_maps`` yields (map, mask) pairs.
+
+    The spread is floored at its 25th percentile over the brain: where few subjects have brain it is unreliable,
+    and a voxel must never be divided by less than a typical value.
+    """
+    total, total_sq, count = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for raw, mask in raw_maps:
+        raw = raw.astype(np.float64)
+        total += raw * mask
+        total_sq += raw**2 * mask
+        count += mask
+    n = np.maximum(count, 1)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
+    brain = count > 0
+    std = np.maximum(std, np.percentile(std[brain], 25) if brain.any() else 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def standardise_map(raw: np.ndarray, brain_mask: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                    per_scan: bool = True) -> np.ndarray:
+    """How far each voxel's map value lies above what is usual *at that place* in healthy brains, clipped at 0.
+
+    With ``per_scan``, then re-centred on the scan's own brain median in units of its MAD: another scanner shifts
+    the error of the whole brain, lesions are a small part of it, so the median and MAD measure that shift and
+    remove it. This cut the volume flagged on healthy scans of another site (MASS) tenfold at unchanged
+    validation AUPRC.
+    """
+    z = (raw - mean) / std
+    brain = z[brain_mask > 0]
+    if per_scan and brain.size:
+        centre = np.median(brain)
+        spread = 1.4826 * np.median(np.abs(brain - centre))
+        z = (z - centre) / max(spread, 1e-6)
+    return (np.clip(z, 0, None) * brain_mask).astype(np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from uad.models.base import AnomalyModel, ModelConfig, Prediction
-from uad.models.scoring import combined_anomaly_map
+from uad.models.scoring import combined_anomaly_map, healthy_map_statistics, standardise_map
 
 MIN_BRAIN_FRACTION = 0.01  # slices with less brain than this are left at 0 (nothing to reconstruct)
 MAP_STATISTICS = ("map_mean", "map_std")
@@ -74,40 +74,23 @@ class SliceModel(AnomalyModel):
     @torch.inference_mode()
     def fit_map_statistics(self, volumes: np.ndarray, masks: np.ndarray, progress=None) -> None:
         """Voxel-wise mean/std of the raw anomaly map over healthy (N, X, Y, Z) volumes."""
-        total = np.zeros(self.config.grid_shape)
-        total_sq = np.zeros(self.config.grid_shape)
-        count = np.zeros(self.config.grid_shape)
-        for index, (image, mask) in enumerate(zip(volumes, masks)):
-            raw = self._raw_prediction(image, mask, None, 16).anomaly_map.astype(np.float64)
-            total += raw * mask
-            total_sq += raw**2 * mask
-            count += mask
-            if progress:
-                progress((index + 1) / len(volumes))
-        n = np.maximum(count, 1)
-        mean = total / n
-        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0))
-        brain = count > 0
-        # Floor: where few subjects have brain the spread is unreliable; never divide by less than a typical value.
-        std = np.maximum(std, np.percentile(std[brain], 25) if brain.any() else 1.0)
-        self.map_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        self.map_std.copy_(torch.from_numpy(std.astype(np.float32)))
+
+        def raw_maps():
+            for index, (image, mask) in enumerate(zip(volumes, masks)):
+                yield self._raw_prediction(image, mask, None, 16).anomaly_map, mask
+                if progress:
+                    progress((index + 1) / len(volumes))
+
+        mean, std = healthy_map_statistics(raw_maps(), self.config.grid_shape)
+        self.map_mean.copy_(torch.from_numpy(mean))
+        self.map_std.copy_(torch.from_numpy(std))
 
     @torch.inference_mode()
     def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
         prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress)
         if self.config.normalise_map and self.map_statistics_fitted:
-            mean, std = self.map_mean.cpu().numpy(), self.map_std.cpu().numpy()
-            z = (prediction.anomaly_map - mean) / std
-            brain = z[brain_mask > 0]
-            if self.config.per_scan_standardise and brain.size:
-                # Another scanner shifts the reconstruction error of the whole brain; lesions are a small part of
-                # it, so the median and MAD of the scan's own brain measure that shift and remove it. This cut the
-                # volume flagged on healthy scans of another site (MASS) tenfold at unchanged validation AUPRC.
-                centre = np.median(brain)
-                spread = 1.4826 * np.median(np.abs(brain - centre))
-                z = (z - centre) / max(spread, 1e-6)
-            prediction.anomaly_map = (np.clip(z, 0, None) * brain_mask).astype(np.float32)
+            prediction.anomaly_map = standardise_map(prediction.anomaly_map, brain_mask, self.map_mean.cpu().numpy(),
+                                                     self.map_std.cpu().numpy(), self.config.per_scan_standardise)
         return prediction
 
     def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, progress=None) -> Prediction:

@@ -1,0 +1,96 @@
+"""Fusion: a weighted sum of other bundled models' z-scored anomaly maps.
+
+Detectors that fail differently add up (EVALUATION.md): the denoising autoencoder sees texture and contrast
+changes but leaves noise-sized blobs on healthy brains; patch retrieval is clean away from lesions but can copy
+dark CSF into a dark, flat anomaly. Every member's map is already in the same units (a z-score against healthy
+voxel statistics, re-centred on the scan), so a weighted sum is meaningful without further scaling. The weights
+were chosen on the validation subjects (synthetic anomalies and stroke shapes; never lesion cases) and the
+threshold is calibrated on healthy validation brains like any other model's.
+
+The members are not copied into this checkpoint (that would double the package): it names them and records
+their SHA-256, and loading verifies that the bundled files are exactly those the fusion was fitted with.
+The reconstruction and residual shown to the user are the first member's (a generative reconstruction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from uad.errors import UserInputError
+from uad.models.base import AnomalyModel, ModelConfig, Prediction
+from uad.models.registry import register
+
+
+@dataclass(frozen=True)
+class FusionConfig(ModelConfig):
+    name: ClassVar[str] = "fusion"
+    members: tuple[str, ...] = ("dae", "patch-retrieval")  # bundled model names; the first gives the reconstruction
+    weights: tuple[float, ...] = (0.5, 0.5)
+    member_sha256: tuple[str, ...] = ()  # filled when fitted: the exact member files the weights were chosen for
+
+
+@register(FusionConfig)
+class FusionModel(AnomalyModel):
+    trainable = False
+    family = "fusion"
+    description = "Fusion: weighted sum of the denoising autoencoder's and patch retrieval's z-scored maps."
+
+    config: FusionConfig
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        if len(config.members) != len(config.weights) or not config.members:
+            raise UserInputError(f"fusion needs one weight per member; got members {list(config.members)} and "
+                                 f"weights {list(config.weights)}")
+        self.config = config
+        # Plain lists, not a ModuleList: the members' weights must not be saved into this checkpoint.
+        self.members: list = []
+        self.member_files: list[str] = []  # their SHA-256, as loaded
+        self._device = torch.device("cpu")
+
+    def load_members(self) -> list:
+        """The member models, loaded (and SHA-256-verified) from the bundle on first use."""
+        if not self.members:
+            from uad.checkpoint import load_checkpoint  # the checkpoint module imports this package
+            from uad.inference import resolve_checkpoint_path
+
+            for index, name in enumerate(self.config.members):
+                checkpoint = load_checkpoint(resolve_checkpoint_path(name))
+                expected = self.config.member_sha256[index] if self.config.member_sha256 else checkpoint.sha256
+                if checkpoint.sha256 != expected:
+                    raise UserInputError(f"the bundled '{name}' is not the one this fusion was fitted with (SHA-256 "
+                                         f"{checkpoint.sha256[:12]}..., expected {expected[:12]}...); refit it with "
+                                         "'uad train --model fusion'")
+                self.members.append(checkpoint.model.to(self._device).eval())
+                self.member_files.append(checkpoint.sha256)
+        return self.members
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the members too (they are not submodules); an empty tensor tells where fn sends things.
+        self._device = fn(torch.zeros(0)).device
+        for member in self.members:
+            member._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def fit(self, volumes: np.ndarray, masks: np.ndarray) -> None:
+        """Nothing to learn from healthy scans (the weights come from validation): pin the members' exact files."""
+        self.load_members()
+        self.config = FusionConfig(members=self.config.members, weights=self.config.weights,
+                                   member_sha256=tuple(self.member_files))
+
+    @torch.inference_mode()
+    def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
+        members = self.load_members()
+        predictions = []
+        for index, member in enumerate(members):
+            step = (lambda f, i=index: progress((i + f) / len(members))) if progress else None
+            predictions.append(member.predict(image, brain_mask, mask_size_px=mask_size_px, batch_size=batch_size,
+                                              progress=step))
+        fused = sum(w * p.anomaly_map for w, p in zip(self.config.weights, predictions))
+        first = predictions[0]
+        return Prediction(reconstruction=first.reconstruction, residual=first.residual,
+                          anomaly_map=np.asarray(fused, np.float32))
