@@ -14,6 +14,7 @@ import pytest
 import slicer
 import slicer.util
 import vtk
+from vtk.util import numpy_support
 
 from uad.errors import UserInputError
 from uad.mrml import nodes
@@ -388,3 +389,99 @@ def test_real_backend_error_reaches_the_user_as_one_line(scene, input_volume, tm
         logic.run(input_volume, DetectionRequest(model="no-such-model", device="cpu"), SETTINGS, timeout=120)
     assert scene.GetNumberOfNodes() == node_count
     assert not list(tmp_path.glob("UADExtension-*"))
+
+
+# --- positions in RAS under a parent transform -------------------------------------------------------------
+
+
+def parent_transform(scene, translation_mm=(50.0, -20.0, 35.0), angle_deg=30.0):
+    """A rigid registration result: 30 degrees about an oblique axis, then a translation of several cm."""
+    transform = vtk.vtkTransform()
+    transform.Translate(*translation_mm)
+    transform.RotateWXYZ(angle_deg, 0.3, 0.5, 1.0)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def to_world(node, local_points: np.ndarray) -> np.ndarray:
+    """Points (n, 3) in ``node``'s local RAS through every parent transform to world RAS."""
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), None, matrix)
+    homogeneous = np.c_[local_points, np.ones(len(local_points))]
+    return (slicer.util.arrayFromVTKMatrix(matrix) @ homogeneous.T).T[:, :3]
+
+
+def volume_voxels_world(volume_node, mask_kji: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(mask_kji)
+    ijk = kji[:, ::-1].astype(float)
+    local = (nodes.ijk_to_ras(volume_node) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    return to_world(volume_node, local)
+
+
+def segment_voxels_world(segmentation_node, segment_id=nodes.ANOMALY_SEGMENT_ID) -> np.ndarray:
+    """World RAS of the voxels Slicer stores for the segment (its own labelmap and geometry, as Slicer draws it)."""
+    image = slicer.vtkOrientedImageData()
+    assert segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    extent = image.GetExtent()
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    kji = np.argwhere(array.reshape(dims[::-1]) > 0)
+    ijk = kji[:, ::-1] + np.array(extent[::2])
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    local = (slicer.util.arrayFromVTKMatrix(matrix) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    return to_world(segmentation_node, local)
+
+
+def test_segment_lies_on_the_anomaly_map_under_a_parent_transform(scene, logic, input_volume, out_dir):
+    """What a user sees: the Anomaly segment over the map's hot spots, in world RAS, when the input is registered."""
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+
+    anomaly = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_spot = volume_voxels_world(outputs.anomaly_map, anomaly == anomaly.max())[0]
+    segment = segment_voxels_world(outputs.segmentation)
+    labelmap = volume_voxels_world(outputs.labelmap, labelmap_array(outputs) > 0)
+    assert len(segment) == len(labelmap) > 0
+    # The same voxels in the same places, and the hottest voxel is one of them.
+    offset_mm = np.linalg.norm(segment.mean(axis=0) - labelmap.mean(axis=0))
+    assert offset_mm < 1e-3, f"the segment sits {offset_mm:.1f} mm away from the labelmap"
+    assert np.allclose(np.sort(segment, axis=0), np.sort(labelmap, axis=0), atol=1e-3)
+    assert np.linalg.norm(segment - hot_spot, axis=1).min() < 1e-3
+
+    # Re-thresholding keeps it there.
+    logic.update_postprocessing(input_volume, replace(SETTINGS, threshold=0.7))
+    segment = segment_voxels_world(outputs.segmentation)
+    assert np.linalg.norm(segment - hot_spot, axis=1).min() < 1e-3
+    assert np.allclose(
+        segment.mean(axis=0), volume_voxels_world(outputs.labelmap, labelmap_array(outputs) > 0).mean(axis=0), atol=1e-3
+    )
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    pytest.skip("no /proc/self/status on this platform")
+
+
+def test_memory_stays_flat_over_many_slider_moves(scene, tmp_path):
+    """A slider dragged back and forth must not grow Slicer: each step once leaked a copy of the labelmap."""
+    shape = (160, 160, 160)  # 4 MiB per uint8 labelmap copy
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    volume = add_volume(scene, np.zeros(shape, np.float32), affine, name="big")
+    out = write_out_dir(tmp_path / "big", shape, affine, median_mm=0.0, min_component_mm3=50.0)
+    logic = DetectionLogic(scene)
+    settings = PostprocessSettings(threshold=THRESHOLD, median_filter=False, min_component_mm3=50.0)
+    logic.load_outputs(volume, out, settings)
+    thresholds = [0.45, 0.55, 0.6, 0.7, 0.8] * 8
+    for threshold in thresholds[:5]:  # warm up: allocator pools, caches
+        logic.update_postprocessing(volume, replace(settings, threshold=threshold))
+    before = resident_mib()
+    for threshold in thresholds:
+        logic.update_postprocessing(volume, replace(settings, threshold=threshold))
+    growth = resident_mib() - before
+    print(f"resident memory growth over {len(thresholds)} re-thresholds of 160^3: {growth:.1f} MiB")
+    assert growth < 40, f"{growth:.0f} MiB more after {len(thresholds)} slider moves (about 160 MiB if each leaks)"
