@@ -485,3 +485,34 @@ def test_memory_stays_flat_over_many_slider_moves(scene, tmp_path):
     growth = resident_mib() - before
     print(f"resident memory growth over {len(thresholds)} re-thresholds of 160^3: {growth:.1f} MiB")
     assert growth < 40, f"{growth:.0f} MiB more after {len(thresholds)} slider moves (about 160 MiB if each leaks)"
+
+
+def test_outputs_of_a_qfac_minus_one_scan_load_onto_slicers_grid(scene, logic, tmp_path):
+    """The bundled sample stores a left-handed grid as qform with qfac = -1 and no sform. Slicer reads such a file
+    with its k axis reversed (same places in RAS, other voxel order), while ``uad detect`` run on the original
+    file writes its outputs in the file's order: they must load, voxel for voxel in the right place."""
+    sample = nib.load(str(Path(nodes.__file__).parents[1] / "resources" / "sample" / "mslub_patient26_T1.nii.gz"))
+    assert sample.header["pixdim"][0] == -1 and int(sample.header["sform_code"]) == 0
+
+    affine = np.diag([-1.2, 1.0, 2.0, 1.0])  # left-handed, as the sample
+    affine[:3, 3] = (90.0, -126.0, -72.0)
+    image = nib.Nifti1Image(np.random.default_rng(1).normal(size=INPUT_SHAPE).astype(np.float32), None)
+    image.set_qform(affine, code=1)
+    image.set_sform(None, code=0)
+    input_path = tmp_path / "qfac.nii.gz"
+    nib.save(image, str(input_path))
+    assert nib.load(str(input_path)).header["pixdim"][0] == -1
+    input_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "qfac")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(input_path))
+    assert storage.ReadData(input_volume)
+    assert not np.allclose(nodes.ijk_to_ras(input_volume), affine, atol=1e-3)  # Slicer's own voxel order
+
+    out = write_out_dir(tmp_path / "out", INPUT_SHAPE, affine)
+    outputs = logic.load_outputs(input_volume, out, SETTINGS)
+    file_map = np.asanyarray(nib.load(str(out / "anomaly_map.nii.gz")).dataobj)
+    hot_file = np.argwhere(file_map == file_map.max())[0]
+    node_map = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_node = np.argwhere(node_map == node_map.max())[0][::-1]
+    assert np.allclose(affine @ [*hot_file, 1], nodes.ijk_to_ras(outputs.anomaly_map) @ [*hot_node, 1], atol=1e-3)
+    assert np.array_equal(np.sort(node_map.ravel()), np.sort(file_map.ravel()))

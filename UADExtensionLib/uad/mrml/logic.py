@@ -36,8 +36,9 @@ VOLUME_FILES = {
     "segmentation": "segmentation.nii.gz",
 }
 REPORT_FILE = "report.json"
-# Geometry tolerance between the input and the backend's outputs: NIfTI stores the affine in float32.
-AFFINE_TOLERANCE_MM = 1e-3
+# Geometry tolerance between the input and the backend's outputs, in mm at the grid's corners: NIfTI stores the
+# affine in float32 (or as a quaternion), which moves a corner 200 mm from the origin by up to about 1e-4 mm.
+AFFINE_TOLERANCE_MM = 1e-2
 
 
 class DetectionError(RuntimeError):
@@ -131,9 +132,10 @@ def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_af
         if not path.exists():
             raise DetectionError(f"the detection did not write {file_name}; see the log for what went wrong")
         image = nib.load(str(path))
-        if image.shape != expected_shape or not np.allclose(image.affine, expected_affine, atol=AFFINE_TOLERANCE_MM):
+        order = voxel_order_onto(image.affine, image.shape, expected_affine, expected_shape)
+        if order is None:
             raise DetectionError(f"{file_name} is not on the input volume's voxel grid; the outputs cannot be shown")
-        return nodes.kji_from_ijk(np.asanyarray(image.dataobj))
+        return nodes.kji_from_ijk(order.apply(np.asanyarray(image.dataobj)))
 
     arrays = {role: read(file_name) for role, file_name in VOLUME_FILES.items()}
     report_path = out_dir / REPORT_FILE
@@ -141,6 +143,48 @@ def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_af
         raise DetectionError(f"the detection did not write {REPORT_FILE}; see the log for what went wrong")
     report = json.loads(report_path.read_text())
     return BackendOutputs(arrays, report)
+
+
+@dataclass(frozen=True)
+class VoxelOrder:
+    """How a file's voxel axes map onto a node's: ``axes[n]`` is the file axis that becomes node axis n, then
+    the node axes in ``flipped`` are reversed."""
+
+    axes: tuple[int, int, int]
+    flipped: tuple[int, ...]
+
+    def apply(self, array_ijk: np.ndarray) -> np.ndarray:
+        reordered = np.transpose(array_ijk, self.axes)
+        return np.flip(reordered, self.flipped) if self.flipped else reordered
+
+
+def voxel_order_onto(file_affine, file_shape, node_affine, node_shape) -> VoxelOrder | None:
+    """The reordering that puts a file's voxels onto a node's grid when both are the same grid in RAS, or None.
+
+    Slicer stores some grids in another voxel order than nibabel: a NIfTI file with qfac = -1 (the bundled
+    sample) is read with its k axis reversed, which puts every voxel at the same place in RAS. So the grids are
+    compared in RAS (every corner within :data:`AFFINE_TOLERANCE_MM`), not as matrices.
+    """
+    file_affine, node_affine = np.asarray(file_affine, float), np.asarray(node_affine, float)
+    if len(file_shape) != 3 or len(node_shape) != 3:
+        return None
+    file_to_node = np.linalg.inv(node_affine) @ file_affine  # file voxel index -> node voxel index
+    signs = np.round(file_to_node[:3, :3])
+    if sorted(np.abs(signs).sum(axis=0)) != [1, 1, 1] or sorted(np.abs(signs).sum(axis=1)) != [1, 1, 1]:
+        return None
+    axes = tuple(int(np.flatnonzero(signs[n])[0]) for n in range(3))
+    flipped = tuple(n for n in range(3) if signs[n, axes[n]] < 0)
+    if tuple(file_shape[a] for a in axes) != tuple(node_shape):
+        return None
+    corners = np.array(np.meshgrid(*[(0, size - 1) for size in file_shape], indexing="ij")).reshape(3, -1).T
+    node_corners = corners[:, axes]
+    for n in flipped:
+        node_corners[:, n] = node_shape[n] - 1 - node_corners[:, n]
+    in_file = (file_affine @ np.c_[corners, np.ones(8)].T)[:3]
+    in_node = (node_affine @ np.c_[node_corners, np.ones(8)].T)[:3]
+    if np.abs(in_file - in_node).max() > AFFINE_TOLERANCE_MM:
+        return None
+    return VoxelOrder(axes, flipped)
 
 
 def write_volume_file(volume_node, path: str | Path) -> None:
