@@ -58,18 +58,39 @@ def stub_modules(monkeypatch) -> None:
         "slicer.ScriptedLoadableModule": scripted,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome="/opt/Slicer"), raising=False)
+    app = types.SimpleNamespace(slicerHome="/opt/Slicer", majorVersion=5, minorVersion=10, applicationVersion="5.10.0")
+    monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
     monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {"PATH": "/usr/bin", "PYTHONPATH": "/site"})
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("UADExtension", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def module(monkeypatch):
     stub_modules(monkeypatch)
-    spec = importlib.util.spec_from_file_location("UADExtension", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module()
+
+
+def test_an_older_slicer_gets_a_reason_instead_of_a_traceback(monkeypatch, caplog):
+    stub_modules(monkeypatch)
+    monkeypatch.setattr(slicer.app, "minorVersion", 8)
+    monkeypatch.setattr(slicer.app, "applicationVersion", "5.8.1")
+    monkeypatch.setitem(sys.modules, "uad.mrml.logic", None)  # the backend must not even be imported
+    old = load_module()
+    assert "5.10 or newer" in old.UNSUPPORTED_REASON and "5.8.1" in old.UNSUPPORTED_REASON
+    assert old.UNSUPPORTED_REASON in caplog.text
+    assert not hasattr(old, "DetectionLogic")
+
+
+def test_a_supported_slicer_loads_the_backend(module):
+    assert module.UNSUPPORTED_REASON == ""
+    assert module.DetectionLogic.__module__ == "uad.mrml.logic"
 
 
 class Recorder:

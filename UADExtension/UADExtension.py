@@ -48,14 +48,41 @@ def _uadPackageParent():
     raise ImportError(f"the uad package was not found next to {MODULE_DIR}; reinstall UADExtension")
 
 
-UAD_PACKAGE_PARENT = _uadPackageParent()
-if UAD_PACKAGE_PARENT not in sys.path:
-    sys.path.insert(0, UAD_PACKAGE_PARENT)
+# The oldest Slicer this module runs on. The backend needs Python 3.10 or newer (dataclass and zip keywords,
+# its dependencies' wheels); Slicer 5.6 and 5.8 ship Python 3.9.10, Slicer 5.10 and 5.12 Python 3.12.10
+# (Slicer_REQUIRED_PYTHON_VERSION in Slicer's CMakeLists.txt at those tags). This file itself stays Python 3.9
+# (checked by Testing/test_python_versions.py), so an older Slicer shows this reason instead of a traceback.
+MINIMUM_SLICER_VERSION = (5, 10)
+HOMEPAGE = "https://github.com/UADExtension/UADExtension#readme"
 
-from uad.errors import UserInputError  # noqa: E402  (needs the sys.path entry above)
-from uad.mrml import dependencies, nodes, sample_data  # noqa: E402
-from uad.mrml.logic import DetectionError, DetectionLogic, DetectionRequest, PostprocessSettings  # noqa: E402
-from uad.mrml.process import State, describe_progress  # noqa: E402
+
+def unsupportedSlicerReason():
+    """Why this Slicer cannot run the extension, or "" when it can."""
+    version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if version >= MINIMUM_SLICER_VERSION and sys.version_info >= (3, 10):
+        return ""
+    return _(
+        "Anomaly Detection (UAD) needs 3D Slicer {minimum} or newer; this is Slicer {version} with Python "
+        "{python}. Install a current Slicer from https://download.slicer.org and the extension again."
+    ).format(
+        minimum="{}.{}".format(*MINIMUM_SLICER_VERSION),
+        version=slicer.app.applicationVersion,
+        python="{}.{}".format(*sys.version_info[:2]),
+    )
+
+
+UNSUPPORTED_REASON = unsupportedSlicerReason()
+if UNSUPPORTED_REASON:
+    logging.error(UNSUPPORTED_REASON)
+else:
+    UAD_PACKAGE_PARENT = _uadPackageParent()
+    if UAD_PACKAGE_PARENT not in sys.path:
+        sys.path.insert(0, UAD_PACKAGE_PARENT)
+
+    from uad.errors import UserInputError
+    from uad.mrml import dependencies, nodes, sample_data
+    from uad.mrml.logic import DetectionError, DetectionLogic, DetectionRequest, PostprocessSettings
+    from uad.mrml.process import State, describe_progress
 
 # How often the panel reads the backend's progress, and how long a slider must rest before re-thresholding.
 POLL_INTERVAL_MS = 100
@@ -79,7 +106,10 @@ class UADExtension(ScriptedLoadableModule):
             "models trained on healthy scans only. Pick a volume and a model, press Detect, then tune the "
             "threshold: the labelmap and the segmentation follow the slider without running the model again."
         )
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += _(' <a href="{url}">Documentation</a>.').format(url=HOMEPAGE)
+        if UNSUPPORTED_REASON:
+            self.parent.helpText = UNSUPPORTED_REASON
+            return
         self.parent.acknowledgementText = _(
             "Sample scan: MSLUB patient 26 (Lesjak et al., Neuroinformatics 2018, CC BY). "
             "Templates: MNI ICBM152 2009a (McConnell Brain Imaging Centre)."
@@ -172,6 +202,12 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED_REASON:
+            label = qt.QLabel(UNSUPPORTED_REASON)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/UADExtension.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
