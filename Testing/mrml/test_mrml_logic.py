@@ -516,3 +516,67 @@ def test_outputs_of_a_qfac_minus_one_scan_load_onto_slicers_grid(scene, logic, t
     hot_node = np.argwhere(node_map == node_map.max())[0][::-1]
     assert np.allclose(affine @ [*hot_file, 1], nodes.ijk_to_ras(outputs.anomaly_map) @ [*hot_node, 1], atol=1e-3)
     assert np.array_equal(np.sort(node_map.ravel()), np.sort(file_map.ravel()))
+
+
+# --- findings table -----------------------------------------------------------------------------------------
+
+
+def table_rows(table_node) -> list[dict]:
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    return [{n: table.GetValueByName(r, n).ToDouble() for n in names} for r in range(table.GetNumberOfRows())]
+
+
+def test_findings_table_follows_the_slider(scene, logic, input_volume, out_dir):
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+    assert outputs.findings.IsA("vtkMRMLTableNode")
+    rows = table_rows(outputs.findings)
+    assert len(rows) == components(labelmap_array(outputs)) == 2  # lesions A (peak 1.0) and B (peak 0.65)
+    assert [r["rank"] for r in rows] == [1, 2] and rows[0]["peak_score"] > rows[1]["peak_score"]
+    voxel_ml = float(np.prod(input_volume.GetSpacing())) / 1000
+    assert sum(r["volume_ml"] for r in rows) == pytest.approx(labelmap_array(outputs).sum() * voxel_ml)
+    # R, A, S are where the views show the finding: the centroid of the segment's own voxels, in world RAS.
+    segment = segment_voxels_world(outputs.segmentation)
+    anomaly = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_spot = volume_voxels_world(outputs.anomaly_map, anomaly == anomaly.max())[0]
+    nearest = np.argmin([np.linalg.norm(np.array([r["r"], r["a"], r["s"]]) - hot_spot) for r in rows])
+    assert nearest == 0
+    assert sum(r["volume_ml"] * np.array([r["r"], r["a"], r["s"]]) for r in rows) / sum(
+        r["volume_ml"] for r in rows
+    ) == pytest.approx(segment.mean(axis=0), abs=1e-3)
+
+    summary = logic.update_postprocessing(input_volume, replace(SETTINGS, threshold=0.7))
+    rows_after = table_rows(outputs.findings)
+    assert len(rows_after) == summary.findings == 1  # only lesion A is above 0.7
+    assert logic.summary(input_volume).findings == 1
+    assert logic.summary(input_volume).voxels == summary.voxels == labelmap_array(outputs).sum()
+
+
+def test_a_finding_centres_the_slice_views_on_it(scene, logic, input_volume, out_dir):
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetOrientationToAxial()
+    green = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    green.SetOrientationToCoronal()
+    rows = table_rows(outputs.findings)
+    for row in (1, 0):
+        assert logic.centre_on_finding(input_volume, row)
+        expected = [rows[row]["r"], rows[row]["a"], rows[row]["s"]]
+        for view in (red, green):
+            centre = slicer.util.arrayFromVTKMatrix(view.GetSliceToRAS())[:3, 3]
+            assert centre == pytest.approx(expected, abs=1e-3)
+    assert red.GetOrientation() == "Axial" and green.GetOrientation() == "Coronal"
+    assert not logic.centre_on_finding(input_volume, 5)
+
+
+def test_shutdown_stops_the_worker_threads(scene, logic, input_volume, out_dir):
+    import threading
+
+    logic.load_outputs(input_volume, out_dir, SETTINGS)  # starts the median filter in a worker
+    logic.shutdown()
+    deadline = time.perf_counter() + 10
+    while any(t.name.startswith("uad-") for t in threading.enumerate()) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("uad-")]

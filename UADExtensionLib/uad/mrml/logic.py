@@ -198,10 +198,13 @@ def write_volume_file(volume_node, path: str | Path) -> None:
 
 @dataclass
 class PostprocessSummary:
+    """What the panel says about the current segmentation."""
+
     voxels: int
     volume_ml: float
     threshold: float
-    seconds: float
+    seconds: float | None  # how long the last update took; None when read back from the scene
+    findings: int  # connected components (rows of the findings table)
 
 
 class _MapCache:
@@ -420,7 +423,7 @@ class DetectionLogic:
             )
             self._caches[input_node.GetID()] = cache
 
-            self._write_mask(input_node, outputs, segment_id, arrays["segmentation"] > 0)
+            self._write_mask(input_node, outputs, segment_id, arrays["segmentation"] > 0, cache.anomaly_map)
             if postprocess_config(settings, provenance.postprocessing).to_dict() != provenance.postprocessing:
                 self.update_postprocessing(input_node, settings)
             cache.prefetch(postprocess_config(settings, provenance.postprocessing).median_mm)
@@ -454,7 +457,7 @@ class DetectionLogic:
         mask = segment_filtered(filtered, cache.brain_mask, cache.spacing, config, image=image)
 
         segment_id = nodes.ensure_segment(outputs.segmentation, self.terminology)
-        self._write_mask(input_node, outputs, segment_id, mask)
+        findings = self._write_mask(input_node, outputs, segment_id, mask, cache.anomaly_map)
         nodes.set_display_threshold(outputs.anomaly_map, config.threshold)
         provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
         if provenance is not None:
@@ -463,7 +466,22 @@ class DetectionLogic:
             )
         voxels = int(np.count_nonzero(mask))
         voxel_ml = float(np.prod(cache.spacing)) / 1000.0
-        return PostprocessSummary(voxels, voxels * voxel_ml, config.threshold, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return PostprocessSummary(voxels, voxels * voxel_ml, config.threshold, seconds, len(findings))
+
+    def summary(self, input_node) -> PostprocessSummary | None:
+        """The current segmentation of ``input_node`` as the scene holds it (after a detection, a slider step or
+        loading a saved scene); None without results."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is None:
+            return None
+        voxels = int(np.count_nonzero(slicer.util.arrayFromVolume(outputs.labelmap)))
+        voxel_ml = float(np.prod(outputs.labelmap.GetSpacing())) / 1000.0
+        provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
+        threshold = provenance.threshold if provenance else float("nan")
+        table = outputs.findings.GetTable()
+        rows = table.GetNumberOfRows() if table is not None else 0
+        return PostprocessSummary(voxels, voxels * voxel_ml, threshold, None, rows)
 
     def postprocessing_is_quick(self, input_node, settings: PostprocessSettings) -> bool:
         """False when the next update must wait for the median filter or run Atropos (show a wait cursor)."""
@@ -497,9 +515,18 @@ class DetectionLogic:
         self._caches[input_node.GetID()] = cache
         return cache
 
-    def _write_mask(self, input_node, outputs: nodes.OutputNodes, segment_id: str, mask_kji: np.ndarray) -> None:
+    def _write_mask(
+        self, input_node, outputs: nodes.OutputNodes, segment_id: str, mask_kji: np.ndarray, anomaly_map_kji
+    ) -> list:
+        """Labelmap, segment and findings table from one mask; returns the findings."""
+        from uad.postprocessing import find_components
+
         nodes.set_volume_array(outputs.labelmap, mask_kji.astype(np.uint8, copy=False), input_node)
         nodes.write_segment_from_labelmap(outputs.segmentation, segment_id, outputs.labelmap)
+        # Transposed views index (i, j, k), so the findings' voxel coordinates are the node's IJK.
+        findings = find_components(mask_kji.T, anomaly_map_kji.T, nodes.ijk_to_ras(input_node))
+        nodes.write_findings_table(outputs.findings, findings, input_node)
+        return findings
 
     def forget(self, input_node_id: str | None = None) -> None:
         """Drop cached arrays (all, or one input's), e.g. when the scene is closed."""
@@ -515,6 +542,30 @@ class DetectionLogic:
         outputs = nodes.find_output_nodes(input_node)
         foreground = getattr(outputs, overlay) if outputs is not None and overlay != "none" else None
         nodes.show_in_slice_views(self.scene, input_node, foreground, opacity)
+
+    def set_overlay_opacity(self, input_node, opacity: float) -> None:
+        """Opacity of this input's overlay, in the views that show it; other views are the user's."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is not None:
+            overlays = (outputs.anomaly_map.GetID(), outputs.residual.GetID())
+            nodes.set_foreground_opacity(self.scene, opacity, overlays)
+
+    def centre_on_finding(self, input_node, row: int) -> bool:
+        """Centre every slice view on the finding in table ``row`` (0-based); False when there is no such row."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is None:
+            return False
+        position = nodes.findings_row_world_position(outputs.findings, row, input_node)
+        if position is None:
+            return False
+        nodes.centre_slice_views(self.scene, position)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the worker threads (the module is being unloaded); cached arrays are dropped."""
+        self.forget()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._io_executor.shutdown(wait=False, cancel_futures=True)
 
     def set_display_threshold(self, input_node, threshold: float) -> None:
         """Hide overlay voxels below the threshold: instant feedback while the slider is still moving."""
