@@ -164,3 +164,11 @@ def test_requirements_match_the_backend_and_spare_slicers_packages():
     protected = {dependencies.canonical_name(p) for p in dependencies.PROTECTED_PACKAGES}
     listed = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in requirements}
     assert listed | {dependencies.TORCH} == needed - protected
+
+
+def test_help_links_to_the_projects_own_documentation():
+    """Slicer's default documentation link points at a page Slicer's docs do not have for an extension."""
+    source = MODULE_FILE.read_text()
+    assert "getDefaultModuleDocumentationLink" not in source
+    homepage = re.search(r'^HOMEPAGE = "([^"]+)"', source, re.M).group(1)
+    assert f'set(EXTENSION_HOMEPAGE "{homepage}")' in (ROOT / "CMakeLists.txt").read_text()

@@ -234,26 +234,36 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.topKSpinBox.connect("valueChanged(int)", self._schedulePostprocessing)
         self.ui.medianFilterCheckBox.connect("toggled(bool)", self._schedulePostprocessing)
         self.ui.atroposCheckBox.connect("toggled(bool)", self.onAtroposToggled)
-        # Deferred: these slots read the parameter node, which the GUI binding updates after them.
-        self.ui.overlayComboBox.connect("currentIndexChanged(int)", lambda: qt.QTimer.singleShot(0, self._showOverlay))
+        # Deferred: these slots read the parameter node, which the GUI binding updates after them. "activated" is
+        # the user's choice only: the parameter node filling the combo box on entry must not rewrite the views.
+        self.ui.overlayComboBox.connect("activated(int)", lambda: qt.QTimer.singleShot(0, self._showOverlay))
         self.ui.overlayOpacitySlider.connect(
             "valueChanged(double)", lambda: qt.QTimer.singleShot(0, self._setOverlayOpacity)
         )
         self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.findingsTableView.setMRMLScene(slicer.mrmlScene)
+        self.ui.findingsTableView.connect("clicked(QModelIndex)", self.onFindingClicked)
 
         self._populateModels()
         self.initializeParameterNode()
 
     def cleanup(self):
+        if UNSUPPORTED_REASON:
+            return
         self._cancelJob()
+        self._pollTimer.stop()
+        self._postprocessTimer.stop()
         self.removeObservers()
         self.setParameterNode(None)
+        self.logic.detection.shutdown()
 
     def enter(self):
-        self.initializeParameterNode()
+        if not UNSUPPORTED_REASON:
+            self.initializeParameterNode()
 
     def exit(self):
-        self.setParameterNode(None)
+        if not UNSUPPORTED_REASON:
+            self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
         self._cancelJob()
@@ -317,9 +327,12 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editInSegmentEditorButton.enabled = outputs is not None and self._job is None
         self.ui.show3DButton.enabled = outputs is not None
         self.ui.show3DButton.setSegmentationNode(outputs.segmentation if outputs else None)
+        self.ui.findingsTableView.setMRMLTableNode(outputs.findings if outputs else None)
+        self._showSummary(self.logic.detection.summary(p.inputVolume) if outputs else None)
         if outputs is None:
             self.ui.outputsLabel.text = _("No results for this volume yet.")
             self.ui.provenanceLabel.text = ""
+            self.ui.deviceUsedLabel.text = ""
             return
         self.ui.outputsLabel.text = _("Results: {names}").format(names=", ".join(n.GetName() for n in outputs.all()))
         provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
@@ -368,6 +381,7 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = name
             self._parameterNode.threshold = float(info.threshold)
             self._updateThresholdRange()
+        self._followThreshold()  # results on screen take the new threshold too: slider and segment agree
 
     def onModelChanged(self, index):
         if index >= 0:
@@ -486,7 +500,7 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.WaitCursor():
                     self.logic.detection.finish(job)
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.process.elapsed_seconds)
-                self._showNewResults()
+                self._showNewResults(slicer.mrmlScene.GetNodeByID(job.input_node_id))
         except DetectionError as exc:
             self.ui.statusLabel.text = _("Failed: {reason}").format(reason=exc)
             slicer.util.errorDisplay(str(exc), windowTitle=_("Anomaly detection failed"))
@@ -501,10 +515,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self._pollJob()
 
-    def _showNewResults(self):
-        self._updateThresholdRange()
-        self._showOverlay()
-        self._updateOutputsSection()
+    def _showNewResults(self, inputVolume):
+        """Show a finished detection, also when it finished while the user was in another module (the panel
+        then has no parameter node of its own)."""
+        p = self._parameterNode or self.logic.getParameterNode()
+        self.logic.detection.show_results(inputVolume, p.overlay.value, p.overlayOpacity)
+        if self._parameterNode:
+            self._updateThresholdRange()
+            self._updateOutputsSection()
 
     # --- post-processing ----------------------------------------------------------------------------------
 
@@ -522,13 +540,26 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         self._parameterNode.threshold = value
-        if self._parameterNode.inputVolume:
-            # The overlay follows at once; the labelmap and the segment a moment later.
-            self.logic.detection.set_display_threshold(self._parameterNode.inputVolume, value)
-        self._schedulePostprocessing()
+        self._followThreshold()
+
+    def _followThreshold(self):
+        """The overlay follows the threshold at once; the labelmap, segment and findings a moment later."""
+        p = self._parameterNode
+        if p and p.inputVolume and self.logic.detection.has_results(p.inputVolume):
+            self.logic.detection.set_display_threshold(p.inputVolume, p.threshold)
+            self._schedulePostprocessing()
 
     def onAtroposToggled(self, checked):
-        if checked and not self.logic.ensureDependencies(askConfirmation=True):
+        try:
+            ready = not checked or self.logic.ensureDependencies(askConfirmation=True)
+        except Exception as exc:  # a missing extension or a failed installation: say so, keep refinement off
+            self.ui.atroposCheckBox.checked = False
+            message = str(exc) if isinstance(exc, UserInputError) else _("Could not install Atropos: {reason}").format(
+                reason=exc
+            )
+            slicer.util.errorDisplay(message, windowTitle=_("Anomaly detection"))
+            return
+        if not ready:
             self.ui.atroposCheckBox.checked = False
             return
         self._schedulePostprocessing()
@@ -554,10 +585,19 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showUnexpectedError(_("Could not update the segmentation"), exc)
             return
-        self.ui.resultSummaryLabel.text = _("{voxels} voxels flagged ({ml:.2f} ml); updated in {ms:.0f} ms.").format(
-            voxels=summary.voxels, ml=summary.volume_ml, ms=summary.seconds * 1000
-        )
         self._updateOutputsSection()
+        self._showSummary(summary)
+
+    def _showSummary(self, summary):
+        if summary is None:
+            self.ui.resultSummaryLabel.text = ""
+            return
+        text = _("{findings} findings, {voxels} voxels flagged ({ml:.2f} ml) at threshold {threshold:.4g}.").format(
+            findings=summary.findings, voxels=summary.voxels, ml=summary.volume_ml, threshold=summary.threshold
+        )
+        if summary.seconds is not None:
+            text += " " + _("Updated in {ms:.0f} ms.").format(ms=summary.seconds * 1000)
+        self.ui.resultSummaryLabel.text = text
 
     # --- outputs ------------------------------------------------------------------------------------------
 
@@ -567,8 +607,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.detection.show_results(p.inputVolume, p.overlay.value, p.overlayOpacity)
 
     def _setOverlayOpacity(self):
-        if self._parameterNode:
-            nodes.set_foreground_opacity(slicer.mrmlScene, self._parameterNode.overlayOpacity)
+        p = self._parameterNode
+        if p and p.inputVolume:
+            self.logic.detection.set_overlay_opacity(p.inputVolume, p.overlayOpacity)
+
+    def onFindingClicked(self, index):
+        p = self._parameterNode
+        if p and p.inputVolume:
+            self.logic.detection.centre_on_finding(p.inputVolume, index.row())
 
     def onEditInSegmentEditor(self):
         p = self._parameterNode
