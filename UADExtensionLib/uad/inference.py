@@ -320,6 +320,10 @@ def _write_overview(path: Path, volume: Volume, outputs: dict, filtered: np.ndar
     def canonical(array: np.ndarray) -> np.ndarray:
         return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, volume.affine)).dataobj)
 
+    # The affine nibabel gives the canonical arrays above (for the rows' positions in mm).
+    to_canonical = nib.orientations.io_orientation(volume.affine)
+    canonical_affine = volume.affine @ nib.orientations.inv_ornt_aff(to_canonical, volume.data.shape[:3])
+
     save_overview(
         path,
         image=canonical(volume.data),
@@ -328,4 +332,5 @@ def _write_overview(path: Path, volume: Volume, outputs: dict, filtered: np.ndar
         segmentation=canonical(outputs["segmentation"][0].astype(np.uint8)),
         brain_mask=canonical(outputs["brain_mask"][0].astype(np.uint8)),
         threshold=threshold,
+        affine=canonical_affine,
     )

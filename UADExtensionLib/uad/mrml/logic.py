@@ -401,6 +401,8 @@ class DetectionLogic:
             outputs.brain_mask.GetDisplayNode().SetVisibility(False)
             nodes.set_reference_geometry(outputs.segmentation, input_node)
             segment_id = nodes.ensure_segment(outputs.segmentation, self.terminology)
+            if outputs.segmentation in created:  # a light fill keeps the heat map under it readable
+                outputs.segmentation.GetDisplayNode().SetOpacity2DFill(nodes.SEGMENT_FILL_OPACITY)
 
             provenance = nodes.Provenance(
                 model=str(report["model"]),

@@ -22,6 +22,8 @@ ANOMALY_SEGMENT_ID = "Anomaly"
 # Colour tables to show float maps with, best first: Inferno ships with the Slicer app (a file-based table);
 # PET-Heat is built in, so it also exists under slicer-core.
 HEATMAP_COLOR_NAMES = ("Inferno", "PET-Heat")
+# The Anomaly segment's fill in slice views (its outline stays opaque): light enough to see the map through it.
+SEGMENT_FILL_OPACITY = 0.25
 
 
 @dataclass(frozen=True)
