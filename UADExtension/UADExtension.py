@@ -788,6 +788,8 @@ class UADExtensionTest(ScriptedLoadableModuleTest):
             self.test_DetectOnSampleScan()
 
     def test_PanelOnSampleScan(self):
+        import time
+
         import numpy as np
         from scipy import ndimage  # shipped with Slicer
 
@@ -842,7 +844,7 @@ class UADExtensionTest(ScriptedLoadableModuleTest):
             slicer.app.processEvents()
             if nodes.Provenance.from_attributes(outputs.segmentation).threshold == 0.6:
                 break
-            qt.QThread.msleep(20)
+            time.sleep(0.02)
         self.assertAlmostEqual(nodes.Provenance.from_attributes(outputs.segmentation).threshold, 0.6)
         self.assertLess(int(np.count_nonzero(slicer.util.arrayFromVolume(outputs.labelmap))), flagged)
         self.assertLessEqual(outputs.findings.GetNumberOfRows(), rows)
