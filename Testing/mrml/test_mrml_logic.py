@@ -29,6 +29,7 @@ from uad.mrml.process import State
 
 from .scene_helpers import INPUT_SHAPE, add_slice_views, add_volume
 from .synthetic_outputs import THRESHOLD, synthetic_maps, write_out_dir
+from conftest import oblique_affine
 
 FAKE_BACKEND = [sys.executable, str(Path(__file__).with_name("fake_uad.py"))]
 TERMINOLOGY_FILE = (
@@ -580,3 +581,27 @@ def test_shutdown_stops_the_worker_threads(scene, logic, input_volume, out_dir):
     while any(t.name.startswith("uad-") for t in threading.enumerate()) and time.perf_counter() < deadline:
         time.sleep(0.05)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("uad-")]
+
+
+def test_voxel_order_maps_a_permuted_and_flipped_grid_voxel_for_voxel():
+    from uad.mrml.logic import voxel_order_onto
+
+    node_affine = oblique_affine(spacing=(1.2, 0.9, 2.0))
+    shape = (5, 6, 7)
+    array = np.arange(np.prod(shape)).reshape(shape)
+    # The same grid stored with axes (k, i, j) and i reversed: file voxel (a, b, c) is node voxel (4 - b, c, a).
+    file_to_node = np.array([[0, -1, 0, 4], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    file_affine = node_affine @ file_to_node
+    file_array = np.empty((7, 5, 6), int)
+    for a, b, c in np.ndindex(file_array.shape):
+        file_array[a, b, c] = array[4 - b, c, a]
+    order = voxel_order_onto(file_affine, file_array.shape, node_affine, shape)
+    assert order is not None and np.array_equal(order.apply(file_array), array)
+
+    nudged = file_affine.copy()
+    nudged[:3, 3] += 0.005  # within the tolerance (NIfTI float32 rounding is far smaller)
+    assert voxel_order_onto(nudged, file_array.shape, node_affine, shape) is not None
+    shifted = file_affine.copy()
+    shifted[:3, 3] += 0.5  # half a voxel: another grid
+    assert voxel_order_onto(shifted, file_array.shape, node_affine, shape) is None
+    assert voxel_order_onto(file_affine, (7, 6, 5), node_affine, shape) is None
