@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -151,6 +152,37 @@ def test_demo_runs_on_the_bundled_sample(capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == catalog.default_model_name()
     assert report["input"].endswith("mslub_patient26_T1.nii.gz")
+    assert_findings_describe_the_segmentation(out)
+
+
+def assert_findings_describe_the_segmentation(out: Path) -> None:
+    """report.json's findings and findings.csv: one per connected component, most anomalous first, in place."""
+    import csv
+
+    from scipy import ndimage
+
+    report = json.loads((out / "report.json").read_text())
+    image = nib.load(str(out / "segmentation.nii.gz"))
+    segmentation = np.asanyarray(image.dataobj)
+    anomaly_map = np.asanyarray(nib.load(str(out / "anomaly_map.nii.gz")).dataobj)
+    labels, count = ndimage.label(segmentation, structure=np.ones((3, 3, 3)))
+    findings = report["findings"]
+    assert len(findings) == count > 0  # the sample has MS lesions
+    assert sum(f["volume_ml"] for f in findings) == pytest.approx(report["segmented_volume_ml"], abs=1e-3)
+    peaks = [f["peak_score"] for f in findings]
+    assert peaks == sorted(peaks, reverse=True)
+    for finding in findings:
+        low, high = np.array(finding["bbox_voxel"][:3]), np.array(finding["bbox_voxel"][3:])
+        assert np.all(low <= finding["centroid_voxel"]) and np.all(finding["centroid_voxel"] <= high)
+        assert np.allclose(image.affine @ [*finding["centroid_voxel"], 1], [*finding["centroid_ras"], 1], atol=1e-3)
+        box = tuple(slice(a, b + 1) for a, b in zip(low, high))
+        label = np.bincount(labels[box][labels[box] > 0]).argmax()
+        assert anomaly_map[labels == label].max() == pytest.approx(finding["peak_score"], abs=1e-5)
+    with open(out / "findings.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["rank"]) for r in rows] == list(range(1, count + 1))
+    assert [float(r["volume_ml"]) for r in rows] == pytest.approx([f["volume_ml"] for f in findings])
+    assert [float(r["centroid_ras_s"]) for r in rows] == pytest.approx([f["centroid_ras"][2] for f in findings])
 
 
 def test_a_given_brain_mask_is_the_one_used(capsys, tmp_path):

@@ -350,3 +350,51 @@ def test_erode_brain_mask_matches_what_segmentation_may_flag():
                                dilation_mm=0)
     flagged = segment_filtered(np.ones(brain.shape, np.float32), brain, spacing, config)
     np.testing.assert_array_equal(flagged.astype(bool), erode_brain_mask(brain, spacing, 3.0))
+
+
+# --- findings -----------------------------------------------------------------------------------------------
+
+
+def test_findings_are_the_components_most_anomalous_first():
+    from uad.postprocessing import find_components
+
+    segmentation = np.zeros((30, 20, 10), np.uint8)
+    anomaly_map = np.zeros(segmentation.shape, np.float32)
+    segmentation[2:6, 3:5, 1:3] = 1  # 16 voxels, peak 0.6
+    anomaly_map[2:6, 3:5, 1:3] = 0.5
+    anomaly_map[3, 4, 2] = 0.6
+    segmentation[20:23, 10:13, 5:8] = 1  # 27 voxels, peak 0.9
+    anomaly_map[20:23, 10:13, 5:8] = 0.8
+    anomaly_map[21, 11, 6] = 0.9
+    segmentation[10, 10, 9] = segmentation[11, 11, 8] = 1  # touching at a corner: one component of 2 voxels
+    anomaly_map[10, 10, 9] = anomaly_map[11, 11, 8] = 0.3
+    affine = np.array([[0.0, 0, 2.0, -10], [1.5, 0, 0, 5], [0, 1.0, 0, 7], [0, 0, 0, 1]])  # 3 mm^3 voxels
+
+    findings = find_components(segmentation, anomaly_map, affine)
+
+    assert [f.voxels for f in findings] == [27, 16, 2]
+    assert [f.peak_score for f in findings] == pytest.approx([0.9, 0.6, 0.3])
+    assert findings[0].mean_score == pytest.approx((26 * 0.8 + 0.9) / 27)
+    assert findings[0].centroid_voxel == pytest.approx((21, 11, 6))
+    assert findings[0].centroid_ras == pytest.approx((2 * 6 - 10, 1.5 * 21 + 5, 11 + 7))
+    assert findings[0].bbox_voxel == (20, 10, 5, 22, 12, 7)
+    assert findings[2].bbox_voxel == (10, 10, 8, 11, 11, 9)
+    assert sum(f.volume_ml for f in findings) == pytest.approx(segmentation.sum() * 3.0 / 1000)
+    assert find_components(np.zeros_like(segmentation), anomaly_map, affine) == []
+
+
+def test_findings_of_a_real_segmentation_add_up_to_its_volume():
+    from uad.postprocessing import find_components
+
+    rng = np.random.default_rng(3)
+    anomaly_map = ndimage.gaussian_filter(rng.random((60, 50, 40)).astype(np.float32), 2)
+    brain = np.ones(anomaly_map.shape, bool)
+    spacing = (1.2, 1.0, 2.0)
+    config = PostprocessConfig(threshold=float(np.percentile(anomaly_map, 97)), median_mm=0, min_component_mm3=0,
+                               top_k=0, dilation_mm=0, brain_erosion_mm=0)
+    segmentation = segment_filtered(anomaly_map, brain, spacing, config)
+    findings = find_components(segmentation, anomaly_map, np.diag([*spacing, 1.0]))
+    assert len(findings) == ndimage.label(segmentation, structure=np.ones((3, 3, 3)))[1] > 3
+    assert sum(f.voxels for f in findings) == segmentation.sum()
+    assert all(f.peak_score > config.threshold for f in findings)
+    assert [f.peak_score for f in findings] == sorted((f.peak_score for f in findings), reverse=True)

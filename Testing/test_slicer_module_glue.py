@@ -1,22 +1,27 @@
 """UADExtension.py outside Slicer: imported with stand-ins for Qt and the Slicer-app-only modules, so its
-module-level code and the Slicer glue that needs no GUI (dependency installation, the child's environment)
-run here. The widget itself needs the Slicer application and is covered by the in-Slicer self-test.
+module-level code, the Slicer glue that needs no GUI (dependency installation, the child's environment) and the
+panel's slots run here: the slots on a real scene (slicer-core) with stand-in widgets that record what they are
+told. Layout and widget bindings are checked statically (test_slicer_module_static.py); the widgets themselves
+need the Slicer application (the in-Slicer self-test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import slicer
 import slicer.util
 
 from uad.errors import UserInputError
-from uad.mrml import dependencies
+from uad.mrml import dependencies, nodes
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "UADExtension" / "UADExtension.py"
 
@@ -58,18 +63,39 @@ def stub_modules(monkeypatch) -> None:
         "slicer.ScriptedLoadableModule": scripted,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome="/opt/Slicer"), raising=False)
+    app = types.SimpleNamespace(slicerHome="/opt/Slicer", majorVersion=5, minorVersion=10, applicationVersion="5.10.0")
+    monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
     monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {"PATH": "/usr/bin", "PYTHONPATH": "/site"})
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("UADExtension", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def module(monkeypatch):
     stub_modules(monkeypatch)
-    spec = importlib.util.spec_from_file_location("UADExtension", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module()
+
+
+def test_an_older_slicer_gets_a_reason_instead_of_a_traceback(monkeypatch, caplog):
+    stub_modules(monkeypatch)
+    monkeypatch.setattr(slicer.app, "minorVersion", 8)
+    monkeypatch.setattr(slicer.app, "applicationVersion", "5.8.1")
+    monkeypatch.setitem(sys.modules, "uad.mrml.logic", None)  # the backend must not even be imported
+    old = load_module()
+    assert "5.10 or newer" in old.UNSUPPORTED_REASON and "5.8.1" in old.UNSUPPORTED_REASON
+    assert old.UNSUPPORTED_REASON in caplog.text
+    assert not hasattr(old, "DetectionLogic")
+
+
+def test_a_supported_slicer_loads_the_backend(module):
+    assert module.UNSUPPORTED_REASON == ""
+    assert module.DetectionLogic.__module__ == "uad.mrml.logic"
 
 
 class Recorder:
@@ -194,3 +220,184 @@ def test_choice_labels_are_what_the_panel_shows(module):
     assert [d.label() for d in module.Device] == ["Auto", "GPU (CUDA)", "CPU"]
     assert [m.label() for m in module.MaskSize] == ["32 mm", "64 mm"]
     assert [o.value for o in module.Overlay] == ["anomaly_map", "residual", "none"]
+
+
+# --- the panel's slots, with a stand-in for the Qt widgets and a real scene ---------------------------------
+
+
+class FakeWidget:
+    """Any Qt widget or timer: properties set are kept, methods called are recorded."""
+
+    def __init__(self):
+        self.__dict__["calls"] = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def method(*args, **kwargs):
+            self.calls.append((name, args))
+
+        return method
+
+    def called(self, name) -> list:
+        return [args for called, args in self.calls if called == name]
+
+
+class FakeParameterNode(types.SimpleNamespace):
+    """The panel's parameter node: the fields the slots read, observable like the real wrapper."""
+
+    __hash__ = object.__hash__
+
+    def disconnectGui(self, tag):
+        pass
+
+
+class FakeUi:
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        widget = FakeWidget()
+        setattr(self, name, widget)
+        return widget
+
+
+@pytest.fixture
+def panel(module, monkeypatch, tmp_path):
+    """The module's widget on a real scene: volume A with detection results (two findings), volume B without."""
+    from mrml.scene_helpers import INPUT_SHAPE, add_slice_views, add_volume
+    from mrml.synthetic_outputs import THRESHOLD, write_out_dir
+
+    from conftest import oblique_affine
+
+    scene = slicer.mrmlScene
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text), raising=False)
+
+    affine = oblique_affine(origin=(-30.0, 45.0, -20.0))
+    rng = np.random.default_rng(0)
+    volume_a = add_volume(scene, rng.normal(100, 10, INPUT_SHAPE).astype(np.float32), affine, name="A")
+    volume_b = add_volume(scene, rng.normal(100, 10, INPUT_SHAPE).astype(np.float32), affine, name="B")
+    views = add_slice_views(scene)
+
+    widget = module.UADExtensionWidget()
+    widget.ui = FakeUi()
+    widget.ui.thresholdSlider.value = THRESHOLD
+    widget.logic = module.UADExtensionLogic()
+    widget._pollTimer = FakeWidget()
+    widget._postprocessTimer = FakeWidget()
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    settings = module.PostprocessSettings(threshold=THRESHOLD, min_component_mm3=20.0)
+    widget.logic.detection.load_outputs(volume_a, write_out_dir(tmp_path / "out", INPUT_SHAPE, affine), settings)
+    parameters = FakeParameterNode(
+        inputVolume=volume_a, model="fake-model", threshold=THRESHOLD, medianFilter=True, minComponentMm3=20.0,
+        topK=10, atroposRefinement=False, overlay=module.Overlay.ANOMALY_MAP, overlayOpacity=0.6,
+    )
+    widget._parameterNode = parameters
+    yield types.SimpleNamespace(widget=widget, p=parameters, a=volume_a, b=volume_b, views=views, errors=errors,
+                                scene=scene)
+    widget.logic.detection.shutdown()
+    scene.Clear(1)
+
+
+def test_switching_to_a_volume_without_results_clears_the_outputs_section(panel):
+    ui = panel.widget.ui
+    panel.widget._updateOutputsSection()
+    assert ui.deviceUsedLabel.text == "cpu"
+    assert ui.resultSummaryLabel.text.startswith("2 findings")
+    panel.p.inputVolume = panel.b
+    panel.widget._updateOutputsSection()
+    assert ui.deviceUsedLabel.text == "" and ui.resultSummaryLabel.text == "" and ui.provenanceLabel.text == ""
+    assert ui.findingsTableView.called("setMRMLTableNode")[-1] == (None,)
+
+
+def test_a_finished_detection_is_shown_with_its_summary_even_from_another_module(panel, monkeypatch):
+    parameters, panel.widget._parameterNode = panel.p, None  # the user is in another module
+    monkeypatch.setattr(panel.widget.logic, "getParameterNode", lambda: parameters)
+    panel.widget._showNewResults(panel.a)
+    outputs = nodes_of(panel.a)
+    for view in panel.views:
+        assert view.GetBackgroundVolumeID() == panel.a.GetID()
+        assert view.GetForegroundVolumeID() == outputs.anomaly_map.GetID()
+    panel.widget._parameterNode = parameters  # back in the module
+    panel.widget._showNewResults(panel.a)
+    assert panel.widget.ui.resultSummaryLabel.text.startswith("2 findings")
+
+
+def test_choosing_another_model_rethresholds_what_is_shown(panel, monkeypatch):
+    info = types.SimpleNamespace(threshold=0.7, name="other", uses_mask_size=False)
+    panel.widget._models = {"fake-model": info, "other": info}
+    monkeypatch.setattr(slicer.util, "NodeModify", lambda node: contextlib.nullcontext(), raising=False)
+    panel.widget._selectModel("other")
+    assert panel.p.threshold == 0.7
+    assert panel.widget._postprocessTimer.called("start"), "the segmentation was not scheduled to follow the slider"
+    panel.widget._applyPostprocessing()  # what the timer does
+    outputs = nodes_of(panel.a)
+    assert outputs.anomaly_map.GetDisplayNode().GetLowerThreshold() == pytest.approx(0.7)
+    assert nodes.Provenance.from_attributes(outputs.segmentation).threshold == pytest.approx(0.7)
+    assert panel.widget.ui.resultSummaryLabel.text.startswith("1 findings")
+
+
+def test_overlay_opacity_leaves_the_users_other_views_alone(panel):
+    panel.widget.logic.detection.show_results(panel.a, "anomaly_map", 0.6)
+    users_view = panel.views[2]
+    users_view.SetForegroundVolumeID(panel.b.GetID())
+    users_view.SetForegroundOpacity(0.25)
+    panel.p.overlayOpacity = 0.9
+    panel.widget._setOverlayOpacity()
+    assert [v.GetForegroundOpacity() for v in panel.views] == [0.9, 0.9, 0.25]
+
+
+def test_entering_the_module_does_not_reshow_the_overlay():
+    """The parameter node fills the overlay combo box on entry: only the user's choice ("activated") may show."""
+    import ast
+
+    tree = ast.parse(MODULE_FILE.read_text())
+    signals = [
+        call.args[0].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "connect"
+        and isinstance(call.func.value, ast.Attribute) and call.func.value.attr == "overlayComboBox"
+    ]
+    assert signals == ["activated(int)"]
+
+
+def test_an_atropos_installation_error_is_a_message_not_a_traceback(panel, monkeypatch):
+    def fail(askConfirmation=True):
+        raise RuntimeError("pip failed")
+
+    monkeypatch.setattr(panel.widget.logic, "ensureDependencies", fail)
+    panel.widget.onAtroposToggled(True)
+    assert panel.widget.ui.atroposCheckBox.checked is False
+    assert panel.errors and "pip failed" in panel.errors[0]
+
+
+def test_clicking_a_finding_centres_the_views_on_it(panel):
+    red = panel.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetOrientationToAxial()
+    table = nodes_of(panel.a).findings.GetTable()
+    panel.widget.onFindingClicked(types.SimpleNamespace(row=lambda: 1))
+    expected = [table.GetValueByName(1, name).ToDouble() for name in ("r", "a", "s")]
+    assert slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3] == pytest.approx(expected, abs=1e-3)
+
+
+def test_closing_the_module_stops_its_timers_and_threads(panel):
+    import threading
+
+    panel.widget.cleanup()
+    assert panel.widget._pollTimer.called("stop") and panel.widget._postprocessTimer.called("stop")
+    deadline = time.perf_counter() + 10
+    while any(t.name.startswith("uad-") for t in threading.enumerate()) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("uad-")]
+
+
+def nodes_of(volume):
+    return nodes.find_output_nodes(volume)

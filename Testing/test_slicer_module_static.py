@@ -164,3 +164,28 @@ def test_requirements_match_the_backend_and_spare_slicers_packages():
     protected = {dependencies.canonical_name(p) for p in dependencies.PROTECTED_PACKAGES}
     listed = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in requirements}
     assert listed | {dependencies.TORCH} == needed - protected
+
+
+def test_help_links_to_the_projects_own_documentation():
+    """Slicer's default documentation link points at a page Slicer's docs do not have for an extension."""
+    source = MODULE_FILE.read_text()
+    assert "getDefaultModuleDocumentationLink" not in source
+    homepage = re.search(r'^HOMEPAGE = "([^"]+)"', source, re.M).group(1)
+    assert f'set(EXTENSION_HOMEPAGE "{homepage}")' in (ROOT / "CMakeLists.txt").read_text()
+
+
+def test_self_test_runs_a_detection_only_when_asked():
+    """ctest runs runTest on the extension build machines: no torch installation, no detection there."""
+    functions = {n.name: n for n in ast.walk(module_tree()) if isinstance(n, ast.FunctionDef)}
+
+    def method_calls(tree) -> set[str]:
+        return {c.func.attr for c in ast.walk(tree) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)}
+
+    run_test = functions["runTest"]
+    guarded = set()
+    for branch in ast.walk(run_test):
+        if isinstance(branch, ast.If) and "FULL_SELF_TEST_VARIABLE" in ast.unparse(branch.test):
+            guarded |= method_calls(branch)
+    assert "test_PanelOnSampleScan" in method_calls(run_test)
+    assert "test_DetectOnSampleScan" in guarded
+    assert "ensureDependencies" not in method_calls(functions["test_PanelOnSampleScan"])

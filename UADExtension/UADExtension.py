@@ -48,14 +48,41 @@ def _uadPackageParent():
     raise ImportError(f"the uad package was not found next to {MODULE_DIR}; reinstall UADExtension")
 
 
-UAD_PACKAGE_PARENT = _uadPackageParent()
-if UAD_PACKAGE_PARENT not in sys.path:
-    sys.path.insert(0, UAD_PACKAGE_PARENT)
+# The oldest Slicer this module runs on. The backend needs Python 3.10 or newer (dataclass and zip keywords,
+# its dependencies' wheels); Slicer 5.6 and 5.8 ship Python 3.9.10, Slicer 5.10 and 5.12 Python 3.12.10
+# (Slicer_REQUIRED_PYTHON_VERSION in Slicer's CMakeLists.txt at those tags). This file itself stays Python 3.9
+# (checked by Testing/test_python_versions.py), so an older Slicer shows this reason instead of a traceback.
+MINIMUM_SLICER_VERSION = (5, 10)
+HOMEPAGE = "https://github.com/UADExtension/UADExtension#readme"
 
-from uad.errors import UserInputError  # noqa: E402  (needs the sys.path entry above)
-from uad.mrml import dependencies, nodes, sample_data  # noqa: E402
-from uad.mrml.logic import DetectionError, DetectionLogic, DetectionRequest, PostprocessSettings  # noqa: E402
-from uad.mrml.process import State, describe_progress  # noqa: E402
+
+def unsupportedSlicerReason():
+    """Why this Slicer cannot run the extension, or "" when it can."""
+    version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if version >= MINIMUM_SLICER_VERSION and sys.version_info >= (3, 10):
+        return ""
+    return _(
+        "Anomaly Detection (UAD) needs 3D Slicer {minimum} or newer; this is Slicer {version} with Python "
+        "{python}. Install a current Slicer from https://download.slicer.org and the extension again."
+    ).format(
+        minimum="{}.{}".format(*MINIMUM_SLICER_VERSION),
+        version=slicer.app.applicationVersion,
+        python="{}.{}".format(*sys.version_info[:2]),
+    )
+
+
+UNSUPPORTED_REASON = unsupportedSlicerReason()
+if UNSUPPORTED_REASON:
+    logging.error(UNSUPPORTED_REASON)
+else:
+    UAD_PACKAGE_PARENT = _uadPackageParent()
+    if UAD_PACKAGE_PARENT not in sys.path:
+        sys.path.insert(0, UAD_PACKAGE_PARENT)
+
+    from uad.errors import UserInputError
+    from uad.mrml import dependencies, nodes, sample_data
+    from uad.mrml.logic import DetectionError, DetectionLogic, DetectionRequest, PostprocessSettings
+    from uad.mrml.process import State, describe_progress
 
 # How often the panel reads the backend's progress, and how long a slider must rest before re-thresholding.
 POLL_INTERVAL_MS = 100
@@ -79,7 +106,10 @@ class UADExtension(ScriptedLoadableModule):
             "models trained on healthy scans only. Pick a volume and a model, press Detect, then tune the "
             "threshold: the labelmap and the segmentation follow the slider without running the model again."
         )
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += _(' <a href="{url}">Documentation</a>.').format(url=HOMEPAGE)
+        if UNSUPPORTED_REASON:
+            self.parent.helpText = UNSUPPORTED_REASON
+            return
         self.parent.acknowledgementText = _(
             "Sample scan: MSLUB patient 26 (Lesjak et al., Neuroinformatics 2018, CC BY). "
             "Templates: MNI ICBM152 2009a (McConnell Brain Imaging Centre)."
@@ -172,6 +202,12 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        if UNSUPPORTED_REASON:
+            label = qt.QLabel(UNSUPPORTED_REASON)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/UADExtension.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -198,26 +234,36 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.topKSpinBox.connect("valueChanged(int)", self._schedulePostprocessing)
         self.ui.medianFilterCheckBox.connect("toggled(bool)", self._schedulePostprocessing)
         self.ui.atroposCheckBox.connect("toggled(bool)", self.onAtroposToggled)
-        # Deferred: these slots read the parameter node, which the GUI binding updates after them.
-        self.ui.overlayComboBox.connect("currentIndexChanged(int)", lambda: qt.QTimer.singleShot(0, self._showOverlay))
+        # Deferred: these slots read the parameter node, which the GUI binding updates after them. "activated" is
+        # the user's choice only: the parameter node filling the combo box on entry must not rewrite the views.
+        self.ui.overlayComboBox.connect("activated(int)", lambda: qt.QTimer.singleShot(0, self._showOverlay))
         self.ui.overlayOpacitySlider.connect(
             "valueChanged(double)", lambda: qt.QTimer.singleShot(0, self._setOverlayOpacity)
         )
         self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.findingsTableView.setMRMLScene(slicer.mrmlScene)
+        self.ui.findingsTableView.connect("clicked(QModelIndex)", self.onFindingClicked)
 
         self._populateModels()
         self.initializeParameterNode()
 
     def cleanup(self):
+        if UNSUPPORTED_REASON:
+            return
         self._cancelJob()
+        self._pollTimer.stop()
+        self._postprocessTimer.stop()
         self.removeObservers()
         self.setParameterNode(None)
+        self.logic.detection.shutdown()
 
     def enter(self):
-        self.initializeParameterNode()
+        if not UNSUPPORTED_REASON:
+            self.initializeParameterNode()
 
     def exit(self):
-        self.setParameterNode(None)
+        if not UNSUPPORTED_REASON:
+            self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
         self._cancelJob()
@@ -281,9 +327,12 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editInSegmentEditorButton.enabled = outputs is not None and self._job is None
         self.ui.show3DButton.enabled = outputs is not None
         self.ui.show3DButton.setSegmentationNode(outputs.segmentation if outputs else None)
+        self.ui.findingsTableView.setMRMLTableNode(outputs.findings if outputs else None)
+        self._showSummary(self.logic.detection.summary(p.inputVolume) if outputs else None)
         if outputs is None:
             self.ui.outputsLabel.text = _("No results for this volume yet.")
             self.ui.provenanceLabel.text = ""
+            self.ui.deviceUsedLabel.text = ""
             return
         self.ui.outputsLabel.text = _("Results: {names}").format(names=", ".join(n.GetName() for n in outputs.all()))
         provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
@@ -332,6 +381,7 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = name
             self._parameterNode.threshold = float(info.threshold)
             self._updateThresholdRange()
+        self._followThreshold()  # results on screen take the new threshold too: slider and segment agree
 
     def onModelChanged(self, index):
         if index >= 0:
@@ -450,7 +500,7 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.WaitCursor():
                     self.logic.detection.finish(job)
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.process.elapsed_seconds)
-                self._showNewResults()
+                self._showNewResults(slicer.mrmlScene.GetNodeByID(job.input_node_id))
         except DetectionError as exc:
             self.ui.statusLabel.text = _("Failed: {reason}").format(reason=exc)
             slicer.util.errorDisplay(str(exc), windowTitle=_("Anomaly detection failed"))
@@ -465,10 +515,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self._pollJob()
 
-    def _showNewResults(self):
-        self._updateThresholdRange()
-        self._showOverlay()
-        self._updateOutputsSection()
+    def _showNewResults(self, inputVolume):
+        """Show a finished detection, also when it finished while the user was in another module (the panel
+        then has no parameter node of its own)."""
+        p = self._parameterNode or self.logic.getParameterNode()
+        self.logic.detection.show_results(inputVolume, p.overlay.value, p.overlayOpacity)
+        if self._parameterNode:
+            self._updateThresholdRange()
+            self._updateOutputsSection()
 
     # --- post-processing ----------------------------------------------------------------------------------
 
@@ -486,13 +540,26 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         self._parameterNode.threshold = value
-        if self._parameterNode.inputVolume:
-            # The overlay follows at once; the labelmap and the segment a moment later.
-            self.logic.detection.set_display_threshold(self._parameterNode.inputVolume, value)
-        self._schedulePostprocessing()
+        self._followThreshold()
+
+    def _followThreshold(self):
+        """The overlay follows the threshold at once; the labelmap, segment and findings a moment later."""
+        p = self._parameterNode
+        if p and p.inputVolume and self.logic.detection.has_results(p.inputVolume):
+            self.logic.detection.set_display_threshold(p.inputVolume, p.threshold)
+            self._schedulePostprocessing()
 
     def onAtroposToggled(self, checked):
-        if checked and not self.logic.ensureDependencies(askConfirmation=True):
+        try:
+            ready = not checked or self.logic.ensureDependencies(askConfirmation=True)
+        except Exception as exc:  # a missing extension or a failed installation: say so, keep refinement off
+            self.ui.atroposCheckBox.checked = False
+            message = str(exc) if isinstance(exc, UserInputError) else _("Could not install Atropos: {reason}").format(
+                reason=exc
+            )
+            slicer.util.errorDisplay(message, windowTitle=_("Anomaly detection"))
+            return
+        if not ready:
             self.ui.atroposCheckBox.checked = False
             return
         self._schedulePostprocessing()
@@ -518,10 +585,19 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showUnexpectedError(_("Could not update the segmentation"), exc)
             return
-        self.ui.resultSummaryLabel.text = _("{voxels} voxels flagged ({ml:.2f} ml); updated in {ms:.0f} ms.").format(
-            voxels=summary.voxels, ml=summary.volume_ml, ms=summary.seconds * 1000
-        )
         self._updateOutputsSection()
+        self._showSummary(summary)
+
+    def _showSummary(self, summary):
+        if summary is None:
+            self.ui.resultSummaryLabel.text = ""
+            return
+        text = _("{findings} findings, {voxels} voxels flagged ({ml:.2f} ml) at threshold {threshold:.4g}.").format(
+            findings=summary.findings, voxels=summary.voxels, ml=summary.volume_ml, threshold=summary.threshold
+        )
+        if summary.seconds is not None:
+            text += " " + _("Updated in {ms:.0f} ms.").format(ms=summary.seconds * 1000)
+        self.ui.resultSummaryLabel.text = text
 
     # --- outputs ------------------------------------------------------------------------------------------
 
@@ -531,8 +607,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.detection.show_results(p.inputVolume, p.overlay.value, p.overlayOpacity)
 
     def _setOverlayOpacity(self):
-        if self._parameterNode:
-            nodes.set_foreground_opacity(slicer.mrmlScene, self._parameterNode.overlayOpacity)
+        p = self._parameterNode
+        if p and p.inputVolume:
+            self.logic.detection.set_overlay_opacity(p.inputVolume, p.overlayOpacity)
+
+    def onFindingClicked(self, index):
+        p = self._parameterNode
+        if p and p.inputVolume:
+            self.logic.detection.centre_on_finding(p.inputVolume, index.row())
 
     def onEditInSegmentEditor(self):
         p = self._parameterNode
@@ -683,15 +765,103 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic):
 #
 
 
+# Set to 1 to add a real detection to the self-test: it installs the Python packages without asking (PyTorch is
+# GBs) and runs the default model (minutes on a CPU). Off by default, as in the peers' self-tests, so that the
+# extension build machines (ctest py_UADExtension) run only the fast panel test.
+FULL_SELF_TEST_VARIABLE = "UADEXTENSION_FULL_SELF_TEST"
+
+
 class UADExtensionTest(ScriptedLoadableModuleTest):
-    """Runs the real detection on the bundled sample scan (installs missing packages without asking)."""
+    """The panel on the bundled sample scan with a stand-in anomaly map made from the sample's lesion mask (no
+    torch, no model; seconds), then, with UADEXTENSION_FULL_SELF_TEST=1, a real detection."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if UNSUPPORTED_REASON:
+            self.skipTest(UNSUPPORTED_REASON)
         self.setUp()
-        self.test_DetectOnSampleScan()
+        self.test_PanelOnSampleScan()
+        if os.environ.get(FULL_SELF_TEST_VARIABLE) == "1":
+            self.setUp()
+            self.test_DetectOnSampleScan()
+
+    def test_PanelOnSampleScan(self):
+        import time
+
+        import numpy as np
+        from scipy import ndimage  # shipped with Slicer
+
+        from uad.mrml.logic import BackendOutputs
+
+        self.delayDisplay("Loading the sample scan and its lesion mask (bundled, no download)")
+        registerSampleData()
+        import SampleData
+
+        inputVolume = SampleData.downloadSample(sample_data.SAMPLE_NAME)
+        lesionFile = os.path.join(os.path.dirname(str(sample_data.SAMPLE_FILE)), "mslub_patient26_lesion_mask.nii.gz")
+        lesionNode = slicer.util.loadLabelVolume(lesionFile, {"show": False})
+        lesion = slicer.util.arrayFromVolume(lesionNode) > 0
+        slicer.mrmlScene.RemoveNode(lesionNode)
+        image = slicer.util.arrayFromVolume(inputVolume).astype(np.float32)
+        brain = image > 0  # the sample is skull-stripped
+        # A stand-in for a model's map: the lesions, blurred, scaled so the bigger ones peak near 1.
+        anomaly = (ndimage.gaussian_filter(lesion.astype(np.float32), 1.0) * brain).astype(np.float32)
+        threshold = 0.3
+        config = {"threshold": threshold, "median_mm": 0.0, "brain_erosion_mm": 0.0, "min_component_mm3": 0.0,
+                  "top_k": 0, "dilation_mm": 0.0, "refine": "none"}
+        arrays = {"reconstruction": image, "residual": anomaly, "anomaly_map": anomaly,
+                  "brain_mask": brain.astype(np.uint8), "segmentation": (anomaly > threshold).astype(np.uint8)}
+        report = {"model": "stand-in", "threshold": threshold, "device": "none", "postprocessing": config}
+
+        self.delayDisplay("Opening the panel")
+        composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+        viewsBefore = [(c.GetBackgroundVolumeID(), c.GetForegroundVolumeID()) for c in composites]
+        slicer.util.selectModule("UADExtension")
+        widget = slicer.modules.UADExtensionWidget
+        self.assertEqual([(c.GetBackgroundVolumeID(), c.GetForegroundVolumeID()) for c in composites], viewsBefore)
+        widget._parameterNode.inputVolume = inputVolume
+        widget._parameterNode.medianFilter = False
+        widget._parameterNode.minComponentMm3 = 0.0
+        widget._parameterNode.topK = 0
+        widget._parameterNode.threshold = threshold
+
+        self.delayDisplay("Loading stand-in results as a finished detection would")
+        settings = widget._postprocessSettings()
+        outputs = widget.logic.detection.apply_outputs(inputVolume, BackendOutputs(arrays, report), settings)
+        widget._showNewResults(inputVolume)
+        for composite in composites:
+            self.assertEqual(composite.GetForegroundVolumeID(), outputs.anomaly_map.GetID())
+        rows = outputs.findings.GetNumberOfRows()
+        flagged = int(np.count_nonzero(slicer.util.arrayFromVolume(outputs.labelmap)))
+        self.assertGreater(rows, 1, "the sample has several lesions")
+        self.assertIn(f"{rows} findings", widget.ui.resultSummaryLabel.text)
+
+        self.delayDisplay("Moving the threshold slider")
+        widget.ui.thresholdSlider.value = 0.6
+        for _unused in range(50):
+            slicer.app.processEvents()
+            if nodes.Provenance.from_attributes(outputs.segmentation).threshold == 0.6:
+                break
+            time.sleep(0.02)
+        self.assertAlmostEqual(nodes.Provenance.from_attributes(outputs.segmentation).threshold, 0.6)
+        self.assertLess(int(np.count_nonzero(slicer.util.arrayFromVolume(outputs.labelmap))), flagged)
+        self.assertLessEqual(outputs.findings.GetNumberOfRows(), rows)
+
+        self.delayDisplay("Centring the views on the first finding")
+        self.assertTrue(widget.logic.detection.centre_on_finding(inputVolume, 0))
+        table = outputs.findings.GetTable()
+        expected = [table.GetValueByName(0, name).ToDouble() for name in ("r", "a", "s")]
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        centre = [red.GetSliceToRAS().GetElement(row, 3) for row in range(3)]
+        for a, b in zip(centre, expected):
+            self.assertAlmostEqual(a, b, places=3)
+
+        self.delayDisplay("Opening the result in Segment Editor")
+        openInSegmentEditor(outputs.segmentation, inputVolume)
+        self.assertEqual(slicer.modules.SegmentEditorWidget.editor.segmentationNode(), outputs.segmentation)
+        self.delayDisplay("Panel test passed")
 
     def test_DetectOnSampleScan(self):
         import time

@@ -14,6 +14,7 @@ import pytest
 import slicer
 import slicer.util
 import vtk
+from vtk.util import numpy_support
 
 from uad.errors import UserInputError
 from uad.mrml import nodes
@@ -28,6 +29,7 @@ from uad.mrml.process import State
 
 from .scene_helpers import INPUT_SHAPE, add_slice_views, add_volume
 from .synthetic_outputs import THRESHOLD, synthetic_maps, write_out_dir
+from conftest import oblique_affine
 
 FAKE_BACKEND = [sys.executable, str(Path(__file__).with_name("fake_uad.py"))]
 TERMINOLOGY_FILE = (
@@ -388,3 +390,218 @@ def test_real_backend_error_reaches_the_user_as_one_line(scene, input_volume, tm
         logic.run(input_volume, DetectionRequest(model="no-such-model", device="cpu"), SETTINGS, timeout=120)
     assert scene.GetNumberOfNodes() == node_count
     assert not list(tmp_path.glob("UADExtension-*"))
+
+
+# --- positions in RAS under a parent transform -------------------------------------------------------------
+
+
+def parent_transform(scene, translation_mm=(50.0, -20.0, 35.0), angle_deg=30.0):
+    """A rigid registration result: 30 degrees about an oblique axis, then a translation of several cm."""
+    transform = vtk.vtkTransform()
+    transform.Translate(*translation_mm)
+    transform.RotateWXYZ(angle_deg, 0.3, 0.5, 1.0)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def to_world(node, local_points: np.ndarray) -> np.ndarray:
+    """Points (n, 3) in ``node``'s local RAS through every parent transform to world RAS."""
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), None, matrix)
+    homogeneous = np.c_[local_points, np.ones(len(local_points))]
+    return (slicer.util.arrayFromVTKMatrix(matrix) @ homogeneous.T).T[:, :3]
+
+
+def volume_voxels_world(volume_node, mask_kji: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(mask_kji)
+    ijk = kji[:, ::-1].astype(float)
+    local = (nodes.ijk_to_ras(volume_node) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    return to_world(volume_node, local)
+
+
+def segment_voxels_world(segmentation_node, segment_id=nodes.ANOMALY_SEGMENT_ID) -> np.ndarray:
+    """World RAS of the voxels Slicer stores for the segment (its own labelmap and geometry, as Slicer draws it)."""
+    image = slicer.vtkOrientedImageData()
+    assert segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    extent = image.GetExtent()
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    kji = np.argwhere(array.reshape(dims[::-1]) > 0)
+    ijk = kji[:, ::-1] + np.array(extent[::2])
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    local = (slicer.util.arrayFromVTKMatrix(matrix) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    return to_world(segmentation_node, local)
+
+
+def test_segment_lies_on_the_anomaly_map_under_a_parent_transform(scene, logic, input_volume, out_dir):
+    """What a user sees: the Anomaly segment over the map's hot spots, in world RAS, when the input is registered."""
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+
+    anomaly = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_spot = volume_voxels_world(outputs.anomaly_map, anomaly == anomaly.max())[0]
+    segment = segment_voxels_world(outputs.segmentation)
+    labelmap = volume_voxels_world(outputs.labelmap, labelmap_array(outputs) > 0)
+    assert len(segment) == len(labelmap) > 0
+    # The same voxels in the same places, and the hottest voxel is one of them.
+    offset_mm = np.linalg.norm(segment.mean(axis=0) - labelmap.mean(axis=0))
+    assert offset_mm < 1e-3, f"the segment sits {offset_mm:.1f} mm away from the labelmap"
+    assert np.allclose(np.sort(segment, axis=0), np.sort(labelmap, axis=0), atol=1e-3)
+    assert np.linalg.norm(segment - hot_spot, axis=1).min() < 1e-3
+
+    # Re-thresholding keeps it there.
+    logic.update_postprocessing(input_volume, replace(SETTINGS, threshold=0.7))
+    segment = segment_voxels_world(outputs.segmentation)
+    assert np.linalg.norm(segment - hot_spot, axis=1).min() < 1e-3
+    assert np.allclose(
+        segment.mean(axis=0), volume_voxels_world(outputs.labelmap, labelmap_array(outputs) > 0).mean(axis=0), atol=1e-3
+    )
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    pytest.skip("no /proc/self/status on this platform")
+
+
+def test_memory_stays_flat_over_many_slider_moves(scene, tmp_path):
+    """A slider dragged back and forth must not grow Slicer: each step once leaked a copy of the labelmap."""
+    shape = (160, 160, 160)  # 4 MiB per uint8 labelmap copy
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    volume = add_volume(scene, np.zeros(shape, np.float32), affine, name="big")
+    out = write_out_dir(tmp_path / "big", shape, affine, median_mm=0.0, min_component_mm3=50.0)
+    logic = DetectionLogic(scene)
+    settings = PostprocessSettings(threshold=THRESHOLD, median_filter=False, min_component_mm3=50.0)
+    logic.load_outputs(volume, out, settings)
+    thresholds = [0.45, 0.55, 0.6, 0.7, 0.8] * 8
+    for threshold in thresholds[:5]:  # warm up: allocator pools, caches
+        logic.update_postprocessing(volume, replace(settings, threshold=threshold))
+    before = resident_mib()
+    for threshold in thresholds:
+        logic.update_postprocessing(volume, replace(settings, threshold=threshold))
+    growth = resident_mib() - before
+    print(f"resident memory growth over {len(thresholds)} re-thresholds of 160^3: {growth:.1f} MiB")
+    assert growth < 40, f"{growth:.0f} MiB more after {len(thresholds)} slider moves (about 160 MiB if each leaks)"
+
+
+def test_outputs_of_a_qfac_minus_one_scan_load_onto_slicers_grid(scene, logic, tmp_path):
+    """The bundled sample stores a left-handed grid as qform with qfac = -1 and no sform. Slicer reads such a file
+    with its k axis reversed (same places in RAS, other voxel order), while ``uad detect`` run on the original
+    file writes its outputs in the file's order: they must load, voxel for voxel in the right place."""
+    sample = nib.load(str(Path(nodes.__file__).parents[1] / "resources" / "sample" / "mslub_patient26_T1.nii.gz"))
+    assert sample.header["pixdim"][0] == -1 and int(sample.header["sform_code"]) == 0
+
+    affine = np.diag([-1.2, 1.0, 2.0, 1.0])  # left-handed, as the sample
+    affine[:3, 3] = (90.0, -126.0, -72.0)
+    image = nib.Nifti1Image(np.random.default_rng(1).normal(size=INPUT_SHAPE).astype(np.float32), None)
+    image.set_qform(affine, code=1)
+    image.set_sform(None, code=0)
+    input_path = tmp_path / "qfac.nii.gz"
+    nib.save(image, str(input_path))
+    assert nib.load(str(input_path)).header["pixdim"][0] == -1
+    input_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "qfac")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(input_path))
+    assert storage.ReadData(input_volume)
+    assert not np.allclose(nodes.ijk_to_ras(input_volume), affine, atol=1e-3)  # Slicer's own voxel order
+
+    out = write_out_dir(tmp_path / "out", INPUT_SHAPE, affine)
+    outputs = logic.load_outputs(input_volume, out, SETTINGS)
+    file_map = np.asanyarray(nib.load(str(out / "anomaly_map.nii.gz")).dataobj)
+    hot_file = np.argwhere(file_map == file_map.max())[0]
+    node_map = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_node = np.argwhere(node_map == node_map.max())[0][::-1]
+    assert np.allclose(affine @ [*hot_file, 1], nodes.ijk_to_ras(outputs.anomaly_map) @ [*hot_node, 1], atol=1e-3)
+    assert np.array_equal(np.sort(node_map.ravel()), np.sort(file_map.ravel()))
+
+
+# --- findings table -----------------------------------------------------------------------------------------
+
+
+def table_rows(table_node) -> list[dict]:
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    return [{n: table.GetValueByName(r, n).ToDouble() for n in names} for r in range(table.GetNumberOfRows())]
+
+
+def test_findings_table_follows_the_slider(scene, logic, input_volume, out_dir):
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+    assert outputs.findings.IsA("vtkMRMLTableNode")
+    rows = table_rows(outputs.findings)
+    assert len(rows) == components(labelmap_array(outputs)) == 2  # lesions A (peak 1.0) and B (peak 0.65)
+    assert [r["rank"] for r in rows] == [1, 2] and rows[0]["peak_score"] > rows[1]["peak_score"]
+    voxel_ml = float(np.prod(input_volume.GetSpacing())) / 1000
+    assert sum(r["volume_ml"] for r in rows) == pytest.approx(labelmap_array(outputs).sum() * voxel_ml)
+    # R, A, S are where the views show the finding: the centroid of the segment's own voxels, in world RAS.
+    segment = segment_voxels_world(outputs.segmentation)
+    anomaly = slicer.util.arrayFromVolume(outputs.anomaly_map)
+    hot_spot = volume_voxels_world(outputs.anomaly_map, anomaly == anomaly.max())[0]
+    nearest = np.argmin([np.linalg.norm(np.array([r["r"], r["a"], r["s"]]) - hot_spot) for r in rows])
+    assert nearest == 0
+    assert sum(r["volume_ml"] * np.array([r["r"], r["a"], r["s"]]) for r in rows) / sum(
+        r["volume_ml"] for r in rows
+    ) == pytest.approx(segment.mean(axis=0), abs=1e-3)
+
+    summary = logic.update_postprocessing(input_volume, replace(SETTINGS, threshold=0.7))
+    rows_after = table_rows(outputs.findings)
+    assert len(rows_after) == summary.findings == 1  # only lesion A is above 0.7
+    assert logic.summary(input_volume).findings == 1
+    assert logic.summary(input_volume).voxels == summary.voxels == labelmap_array(outputs).sum()
+
+
+def test_a_finding_centres_the_slice_views_on_it(scene, logic, input_volume, out_dir):
+    input_volume.SetAndObserveTransformNodeID(parent_transform(scene).GetID())
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetOrientationToAxial()
+    green = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    green.SetOrientationToCoronal()
+    rows = table_rows(outputs.findings)
+    for row in (1, 0):
+        assert logic.centre_on_finding(input_volume, row)
+        expected = [rows[row]["r"], rows[row]["a"], rows[row]["s"]]
+        for view in (red, green):
+            centre = slicer.util.arrayFromVTKMatrix(view.GetSliceToRAS())[:3, 3]
+            assert centre == pytest.approx(expected, abs=1e-3)
+    assert red.GetOrientation() == "Axial" and green.GetOrientation() == "Coronal"
+    assert not logic.centre_on_finding(input_volume, 5)
+
+
+def test_shutdown_stops_the_worker_threads(scene, logic, input_volume, out_dir):
+    import threading
+
+    logic.load_outputs(input_volume, out_dir, SETTINGS)  # starts the median filter in a worker
+    logic.shutdown()
+    deadline = time.perf_counter() + 10
+    while any(t.name.startswith("uad-") for t in threading.enumerate()) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("uad-")]
+
+
+def test_voxel_order_maps_a_permuted_and_flipped_grid_voxel_for_voxel():
+    from uad.mrml.logic import voxel_order_onto
+
+    node_affine = oblique_affine(spacing=(1.2, 0.9, 2.0))
+    shape = (5, 6, 7)
+    array = np.arange(np.prod(shape)).reshape(shape)
+    # The same grid stored with axes (k, i, j) and i reversed: file voxel (a, b, c) is node voxel (4 - b, c, a).
+    file_to_node = np.array([[0, -1, 0, 4], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    file_affine = node_affine @ file_to_node
+    file_array = np.empty((7, 5, 6), int)
+    for a, b, c in np.ndindex(file_array.shape):
+        file_array[a, b, c] = array[4 - b, c, a]
+    order = voxel_order_onto(file_affine, file_array.shape, node_affine, shape)
+    assert order is not None and np.array_equal(order.apply(file_array), array)
+
+    nudged = file_affine.copy()
+    nudged[:3, 3] += 0.005  # within the tolerance (NIfTI float32 rounding is far smaller)
+    assert voxel_order_onto(nudged, file_array.shape, node_affine, shape) is not None
+    shifted = file_affine.copy()
+    shifted[:3, 3] += 0.5  # half a voxel: another grid
+    assert voxel_order_onto(shifted, file_array.shape, node_affine, shape) is None
+    assert voxel_order_onto(file_affine, (7, 6, 5), node_affine, shape) is None

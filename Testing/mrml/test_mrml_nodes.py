@@ -143,7 +143,8 @@ def test_outputs_follow_the_inputs_transform(scene, input_volume):
     input_volume.SetAndObserveTransformNodeID(transform.GetID())
     outputs, _ = nodes.get_or_create_output_nodes(scene, input_volume)
     nodes.follow_transform(outputs.all(), input_volume)
-    assert {node.GetTransformNodeID() for node in outputs.all()} == {transform.GetID()}
+    placed = [node for node in outputs.all() if node is not outputs.findings]  # a table has no place
+    assert {node.GetTransformNodeID() for node in placed} == {transform.GetID()}
 
 
 def test_overlay_in_every_slice_view(scene, input_volume):
@@ -154,8 +155,13 @@ def test_overlay_in_every_slice_view(scene, input_volume):
         assert composite.GetBackgroundVolumeID() == input_volume.GetID()
         assert composite.GetForegroundVolumeID() == overlay.GetID()
         assert composite.GetForegroundOpacity() == 0.4
-    nodes.set_foreground_opacity(scene, 0.9)
+    users_view = add_slice_views(scene, ["Slice4"])[0]  # a view the user set up with another overlay
+    users_view.SetForegroundVolumeID(input_volume.GetID())
+    users_view.SetForegroundOpacity(0.3)
+    nodes.set_foreground_opacity(scene, 0.9, [overlay.GetID()])
     assert {c.GetForegroundOpacity() for c in composites} == {0.9}
+    assert users_view.GetForegroundOpacity() == 0.3
+    users_view.SetForegroundVolumeID(None)
     nodes.show_in_slice_views(scene, input_volume, None)
     assert {c.GetForegroundVolumeID() for c in composites} == {None}
 

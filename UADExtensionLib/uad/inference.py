@@ -7,6 +7,7 @@ run leaves nothing half-written in ``out_dir``; the input file is only ever read
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -30,7 +31,15 @@ from uad.errors import UserInputError
 from uad.figures import save_overview
 from uad.io import Volume, load_volume, save_volume
 from uad.options import MASK_SIZES_MM
-from uad.postprocessing import PostprocessConfig, erode_brain_mask, median_filter, segment_filtered
+from uad.postprocessing import (
+    FINDING_COLUMNS,
+    Finding,
+    PostprocessConfig,
+    erode_brain_mask,
+    find_components,
+    median_filter,
+    segment_filtered,
+)
 from uad.preprocessing import preprocess
 from uad.progress import Progress
 
@@ -43,6 +52,7 @@ OUTPUT_FILES = (
     "segmentation.nii.gz",
     "brain_mask.nii.gz",
     "report.json",
+    "findings.csv",
     "overview.png",
 )
 STAGE_WEIGHTS = {"load": 0.05, "preprocessing": 0.25, "registration": 0.1, "inference": 0.35,
@@ -162,6 +172,7 @@ class Detector:
                 per_slice = np.broadcast_to(prediction.slice_scores, prep.image.shape)
                 scored = prep.to_input_space(np.ascontiguousarray(per_slice, np.float32)) * brain
             slice_scores, volume_score = _scores(scored, brain, scoring_region, volume.affine)
+            findings = find_components(segmentation, anomaly_map, volume.affine)
             seconds["postprocessing"] = round(time.perf_counter() - clock, 2)
         finally:
             prep.close()
@@ -178,6 +189,7 @@ class Detector:
         for name, (array, dtype) in outputs.items():
             save_volume(Volume(array, volume.affine), staging / f"{name}.nii.gz", dtype=dtype)
         _write_overview(staging / "overview.png", volume, outputs, filtered, self.postprocessing.threshold)
+        write_findings_csv(staging / "findings.csv", findings)
         seconds["writing"] = round(time.perf_counter() - clock, 2)
         seconds["total"] = round(time.perf_counter() - started, 2)
 
@@ -198,6 +210,8 @@ class Detector:
             "segmented_voxels": int(segmentation.sum()),
             "segmented_volume_ml": round(float(segmentation.sum() * np.prod(volume.spacing)) / 1000, 3),
             "postprocessing": self.postprocessing.to_dict(),
+            # Connected components of the segmentation, most anomalous first; voxel indices in the input's order.
+            "findings": [_rounded(finding.to_dict()) for finding in findings],
             "options": asdict(self.options),
             "uad_version": uad.__version__,
             "torch_version": torch.__version__,
@@ -251,6 +265,34 @@ def _unwritable(out_dir: Path, exc: OSError) -> UserInputError:
     return UserInputError(f"cannot write to the output folder {out_dir} ({exc.strerror}); choose a writable --out")
 
 
+def _rounded(values: dict) -> dict:
+    """Six decimals for floats (sub-micrometre in mm, far below any score's noise), kept as numbers."""
+
+    def one(value):
+        if isinstance(value, float):
+            return round(value, 6)
+        if isinstance(value, (tuple, list)):
+            return [one(v) for v in value]
+        return value
+
+    return {key: one(value) for key, value in values.items()}
+
+
+def write_findings_csv(path: Path, findings: list[Finding]) -> None:
+    """One row per finding (rank 1 = most anomalous); vectors spread over columns (``centroid_ras_r``...)."""
+    suffixes = {"centroid_ras": ("r", "a", "s"), "centroid_voxel": ("i", "j", "k"),
+                "bbox_voxel": ("i_min", "j_min", "k_min", "i_max", "j_max", "k_max")}
+    header = ["rank"] + [f"{c}_{s}" if c in suffixes else c for c in FINDING_COLUMNS for s in suffixes.get(c, ("",))]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        for rank, finding in enumerate(findings, start=1):
+            row = [rank]
+            for value in _rounded(finding.to_dict()).values():
+                row.extend(value if isinstance(value, list) else [value])
+            writer.writerow(row)
+
+
 def superior_axis(affine: np.ndarray) -> tuple[int, bool]:
     """(voxel axis closest to inferior->superior, whether its index runs superior->inferior)."""
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
@@ -278,6 +320,10 @@ def _write_overview(path: Path, volume: Volume, outputs: dict, filtered: np.ndar
     def canonical(array: np.ndarray) -> np.ndarray:
         return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, volume.affine)).dataobj)
 
+    # The affine nibabel gives the canonical arrays above (for the rows' positions in mm).
+    to_canonical = nib.orientations.io_orientation(volume.affine)
+    canonical_affine = volume.affine @ nib.orientations.inv_ornt_aff(to_canonical, volume.data.shape[:3])
+
     save_overview(
         path,
         image=canonical(volume.data),
@@ -286,4 +332,5 @@ def _write_overview(path: Path, volume: Volume, outputs: dict, filtered: np.ndar
         segmentation=canonical(outputs["segmentation"][0].astype(np.uint8)),
         brain_mask=canonical(outputs["brain_mask"][0].astype(np.uint8)),
         threshold=threshold,
+        affine=canonical_affine,
     )

@@ -36,8 +36,9 @@ VOLUME_FILES = {
     "segmentation": "segmentation.nii.gz",
 }
 REPORT_FILE = "report.json"
-# Geometry tolerance between the input and the backend's outputs: NIfTI stores the affine in float32.
-AFFINE_TOLERANCE_MM = 1e-3
+# Geometry tolerance between the input and the backend's outputs, in mm at the grid's corners: NIfTI stores the
+# affine in float32 (or as a quaternion), which moves a corner 200 mm from the origin by up to about 1e-4 mm.
+AFFINE_TOLERANCE_MM = 1e-2
 
 
 class DetectionError(RuntimeError):
@@ -131,9 +132,10 @@ def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_af
         if not path.exists():
             raise DetectionError(f"the detection did not write {file_name}; see the log for what went wrong")
         image = nib.load(str(path))
-        if image.shape != expected_shape or not np.allclose(image.affine, expected_affine, atol=AFFINE_TOLERANCE_MM):
+        order = voxel_order_onto(image.affine, image.shape, expected_affine, expected_shape)
+        if order is None:
             raise DetectionError(f"{file_name} is not on the input volume's voxel grid; the outputs cannot be shown")
-        return nodes.kji_from_ijk(np.asanyarray(image.dataobj))
+        return nodes.kji_from_ijk(order.apply(np.asanyarray(image.dataobj)))
 
     arrays = {role: read(file_name) for role, file_name in VOLUME_FILES.items()}
     report_path = out_dir / REPORT_FILE
@@ -141,6 +143,48 @@ def read_backend_outputs(out_dir: str | Path, expected_shape: tuple, expected_af
         raise DetectionError(f"the detection did not write {REPORT_FILE}; see the log for what went wrong")
     report = json.loads(report_path.read_text())
     return BackendOutputs(arrays, report)
+
+
+@dataclass(frozen=True)
+class VoxelOrder:
+    """How a file's voxel axes map onto a node's: ``axes[n]`` is the file axis that becomes node axis n, then
+    the node axes in ``flipped`` are reversed."""
+
+    axes: tuple[int, int, int]
+    flipped: tuple[int, ...]
+
+    def apply(self, array_ijk: np.ndarray) -> np.ndarray:
+        reordered = np.transpose(array_ijk, self.axes)
+        return np.flip(reordered, self.flipped) if self.flipped else reordered
+
+
+def voxel_order_onto(file_affine, file_shape, node_affine, node_shape) -> VoxelOrder | None:
+    """The reordering that puts a file's voxels onto a node's grid when both are the same grid in RAS, or None.
+
+    Slicer stores some grids in another voxel order than nibabel: a NIfTI file with qfac = -1 (the bundled
+    sample) is read with its k axis reversed, which puts every voxel at the same place in RAS. So the grids are
+    compared in RAS (every corner within :data:`AFFINE_TOLERANCE_MM`), not as matrices.
+    """
+    file_affine, node_affine = np.asarray(file_affine, float), np.asarray(node_affine, float)
+    if len(file_shape) != 3 or len(node_shape) != 3:
+        return None
+    file_to_node = np.linalg.inv(node_affine) @ file_affine  # file voxel index -> node voxel index
+    signs = np.round(file_to_node[:3, :3])
+    if sorted(np.abs(signs).sum(axis=0)) != [1, 1, 1] or sorted(np.abs(signs).sum(axis=1)) != [1, 1, 1]:
+        return None
+    axes = tuple(int(np.flatnonzero(signs[n])[0]) for n in range(3))
+    flipped = tuple(n for n in range(3) if signs[n, axes[n]] < 0)
+    if tuple(file_shape[a] for a in axes) != tuple(node_shape):
+        return None
+    corners = np.array(np.meshgrid(*[(0, size - 1) for size in file_shape], indexing="ij")).reshape(3, -1).T
+    node_corners = corners[:, axes]
+    for n in flipped:
+        node_corners[:, n] = node_shape[n] - 1 - node_corners[:, n]
+    in_file = (file_affine @ np.c_[corners, np.ones(8)].T)[:3]
+    in_node = (node_affine @ np.c_[node_corners, np.ones(8)].T)[:3]
+    if np.abs(in_file - in_node).max() > AFFINE_TOLERANCE_MM:
+        return None
+    return VoxelOrder(axes, flipped)
 
 
 def write_volume_file(volume_node, path: str | Path) -> None:
@@ -154,10 +198,13 @@ def write_volume_file(volume_node, path: str | Path) -> None:
 
 @dataclass
 class PostprocessSummary:
+    """What the panel says about the current segmentation."""
+
     voxels: int
     volume_ml: float
     threshold: float
-    seconds: float
+    seconds: float | None  # how long the last update took; None when read back from the scene
+    findings: int  # connected components (rows of the findings table)
 
 
 class _MapCache:
@@ -354,6 +401,8 @@ class DetectionLogic:
             outputs.brain_mask.GetDisplayNode().SetVisibility(False)
             nodes.set_reference_geometry(outputs.segmentation, input_node)
             segment_id = nodes.ensure_segment(outputs.segmentation, self.terminology)
+            if outputs.segmentation in created:  # a light fill keeps the heat map under it readable
+                outputs.segmentation.GetDisplayNode().SetOpacity2DFill(nodes.SEGMENT_FILL_OPACITY)
 
             provenance = nodes.Provenance(
                 model=str(report["model"]),
@@ -376,7 +425,7 @@ class DetectionLogic:
             )
             self._caches[input_node.GetID()] = cache
 
-            self._write_mask(input_node, outputs, segment_id, arrays["segmentation"] > 0)
+            self._write_mask(input_node, outputs, segment_id, arrays["segmentation"] > 0, cache.anomaly_map)
             if postprocess_config(settings, provenance.postprocessing).to_dict() != provenance.postprocessing:
                 self.update_postprocessing(input_node, settings)
             cache.prefetch(postprocess_config(settings, provenance.postprocessing).median_mm)
@@ -410,7 +459,7 @@ class DetectionLogic:
         mask = segment_filtered(filtered, cache.brain_mask, cache.spacing, config, image=image)
 
         segment_id = nodes.ensure_segment(outputs.segmentation, self.terminology)
-        self._write_mask(input_node, outputs, segment_id, mask)
+        findings = self._write_mask(input_node, outputs, segment_id, mask, cache.anomaly_map)
         nodes.set_display_threshold(outputs.anomaly_map, config.threshold)
         provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
         if provenance is not None:
@@ -419,7 +468,22 @@ class DetectionLogic:
             )
         voxels = int(np.count_nonzero(mask))
         voxel_ml = float(np.prod(cache.spacing)) / 1000.0
-        return PostprocessSummary(voxels, voxels * voxel_ml, config.threshold, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return PostprocessSummary(voxels, voxels * voxel_ml, config.threshold, seconds, len(findings))
+
+    def summary(self, input_node) -> PostprocessSummary | None:
+        """The current segmentation of ``input_node`` as the scene holds it (after a detection, a slider step or
+        loading a saved scene); None without results."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is None:
+            return None
+        voxels = int(np.count_nonzero(slicer.util.arrayFromVolume(outputs.labelmap)))
+        voxel_ml = float(np.prod(outputs.labelmap.GetSpacing())) / 1000.0
+        provenance = nodes.Provenance.from_attributes(outputs.anomaly_map)
+        threshold = provenance.threshold if provenance else float("nan")
+        table = outputs.findings.GetTable()
+        rows = table.GetNumberOfRows() if table is not None else 0
+        return PostprocessSummary(voxels, voxels * voxel_ml, threshold, None, rows)
 
     def postprocessing_is_quick(self, input_node, settings: PostprocessSettings) -> bool:
         """False when the next update must wait for the median filter or run Atropos (show a wait cursor)."""
@@ -453,9 +517,18 @@ class DetectionLogic:
         self._caches[input_node.GetID()] = cache
         return cache
 
-    def _write_mask(self, input_node, outputs: nodes.OutputNodes, segment_id: str, mask_kji: np.ndarray) -> None:
+    def _write_mask(
+        self, input_node, outputs: nodes.OutputNodes, segment_id: str, mask_kji: np.ndarray, anomaly_map_kji
+    ) -> list:
+        """Labelmap, segment and findings table from one mask; returns the findings."""
+        from uad.postprocessing import find_components
+
         nodes.set_volume_array(outputs.labelmap, mask_kji.astype(np.uint8, copy=False), input_node)
         nodes.write_segment_from_labelmap(outputs.segmentation, segment_id, outputs.labelmap)
+        # Transposed views index (i, j, k), so the findings' voxel coordinates are the node's IJK.
+        findings = find_components(mask_kji.T, anomaly_map_kji.T, nodes.ijk_to_ras(input_node))
+        nodes.write_findings_table(outputs.findings, findings, input_node)
+        return findings
 
     def forget(self, input_node_id: str | None = None) -> None:
         """Drop cached arrays (all, or one input's), e.g. when the scene is closed."""
@@ -471,6 +544,30 @@ class DetectionLogic:
         outputs = nodes.find_output_nodes(input_node)
         foreground = getattr(outputs, overlay) if outputs is not None and overlay != "none" else None
         nodes.show_in_slice_views(self.scene, input_node, foreground, opacity)
+
+    def set_overlay_opacity(self, input_node, opacity: float) -> None:
+        """Opacity of this input's overlay, in the views that show it; other views are the user's."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is not None:
+            overlays = (outputs.anomaly_map.GetID(), outputs.residual.GetID())
+            nodes.set_foreground_opacity(self.scene, opacity, overlays)
+
+    def centre_on_finding(self, input_node, row: int) -> bool:
+        """Centre every slice view on the finding in table ``row`` (0-based); False when there is no such row."""
+        outputs = nodes.find_output_nodes(input_node) if input_node is not None else None
+        if outputs is None:
+            return False
+        position = nodes.findings_row_world_position(outputs.findings, row, input_node)
+        if position is None:
+            return False
+        nodes.centre_slice_views(self.scene, position)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the worker threads (the module is being unloaded); cached arrays are dropped."""
+        self.forget()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._io_executor.shutdown(wait=False, cancel_futures=True)
 
     def set_display_threshold(self, input_node, threshold: float) -> None:
         """Hide overlay voxels below the threshold: instant feedback while the slider is still moving."""

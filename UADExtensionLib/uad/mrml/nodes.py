@@ -22,6 +22,8 @@ ANOMALY_SEGMENT_ID = "Anomaly"
 # Colour tables to show float maps with, best first: Inferno ships with the Slicer app (a file-based table);
 # PET-Heat is built in, so it also exists under slicer-core.
 HEATMAP_COLOR_NAMES = ("Inferno", "PET-Heat")
+# The Anomaly segment's fill in slice views (its outline stays opaque): light enough to see the map through it.
+SEGMENT_FILL_OPACITY = 0.25
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ OUTPUT_SPECS = {
     "brain_mask": OutputSpec("UADBrainMask", "vtkMRMLLabelMapVolumeNode", "UAD brain mask"),
     "labelmap": OutputSpec("UADAnomalyLabelmap", "vtkMRMLLabelMapVolumeNode", "UAD anomaly labelmap"),
     "segmentation": OutputSpec("UADSegmentation", "vtkMRMLSegmentationNode", "UAD anomalies"),
+    "findings": OutputSpec("UADFindings", "vtkMRMLTableNode", "UAD findings"),
 }
 
 
@@ -51,6 +54,7 @@ class OutputNodes:
     brain_mask: slicer.vtkMRMLLabelMapVolumeNode
     labelmap: slicer.vtkMRMLLabelMapVolumeNode
     segmentation: slicer.vtkMRMLSegmentationNode
+    findings: slicer.vtkMRMLTableNode
 
     def all(self) -> list:
         return [getattr(self, role) for role in OUTPUT_SPECS]
@@ -60,9 +64,7 @@ class OutputNodes:
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(_ijk_to_ras_matrix(volume_node))
 
 
 def spacing_kji(volume_node) -> tuple[float, float, float]:
@@ -109,7 +111,8 @@ def get_or_create_output_nodes(scene, input_node) -> tuple[OutputNodes, list]:
         node = input_node.GetNodeReference(spec.role)
         if node is None or not node.IsA(spec.node_class):
             node = scene.AddNewNodeByClass(spec.node_class, f"{base_name} {spec.name_suffix}")
-            node.CreateDefaultDisplayNodes()
+            if node.IsA("vtkMRMLDisplayableNode"):  # a table has no display node
+                node.CreateDefaultDisplayNodes()
             input_node.SetNodeReferenceID(spec.role, node.GetID())
             created.append(node)
         nodes[role] = node
@@ -136,7 +139,22 @@ def place_next_to(scene, nodes, reference_node) -> None:
 def follow_transform(nodes, reference_node) -> None:
     """Outputs live in the input's voxel space, so they go under the same parent transform as the input."""
     for node in nodes:
-        node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        if node.IsA("vtkMRMLTransformableNode"):  # the findings table holds numbers, not a place
+            node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+
+
+def to_world(node, points_local: np.ndarray) -> np.ndarray:
+    """Points (n, 3) in ``node``'s own RAS (before its parent transforms) in world RAS, where views show them."""
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), None, matrix)
+    points = np.atleast_2d(np.asarray(points_local, float))
+    return (slicer.util.arrayFromVTKMatrix(matrix) @ np.c_[points, np.ones(len(points))].T).T[:, :3]
+
+
+def voxel_to_world(volume_node, ijk) -> np.ndarray:
+    """World RAS (3,) of a (possibly fractional) voxel index (i, j, k) of ``volume_node``."""
+    local = ijk_to_ras(volume_node) @ [*ijk, 1.0]
+    return to_world(volume_node, local[:3])[0]
 
 
 # --- provenance ---------------------------------------------------------------------------------------------
@@ -254,10 +272,80 @@ def show_in_slice_views(scene, background, foreground=None, opacity: float = 0.5
         composite.SetForegroundOpacity(opacity)
 
 
-def set_foreground_opacity(scene, opacity: float) -> None:
+def set_foreground_opacity(scene, opacity: float, foreground_ids) -> None:
+    """The overlay's opacity, only in the views that show one of ``foreground_ids`` (the user's other views keep
+    theirs)."""
     composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
     for index in range(composites.GetNumberOfItems()):
-        composites.GetItemAsObject(index).SetForegroundOpacity(opacity)
+        composite = composites.GetItemAsObject(index)
+        if composite.GetForegroundVolumeID() in set(foreground_ids):
+            composite.SetForegroundOpacity(opacity)
+
+
+def centre_slice_views(scene, ras_world) -> None:
+    """Move every slice view so that ``ras_world`` is at its centre, keeping each view's orientation."""
+    slices = scene.GetNodesByClass("vtkMRMLSliceNode")
+    for index in range(slices.GetNumberOfItems()):
+        slices.GetItemAsObject(index).JumpSliceByCentering(*(float(x) for x in ras_world))
+
+
+# --- findings table -----------------------------------------------------------------------------------------
+
+# (column name, title with unit); the voxel columns let a row be found again after the input is moved.
+FINDINGS_TABLE_COLUMNS = (
+    ("rank", "#"),
+    ("volume_ml", "Volume (ml)"),
+    ("peak_score", "Peak score"),
+    ("mean_score", "Mean score"),
+    ("r", "R (mm)"),
+    ("a", "A (mm)"),
+    ("s", "S (mm)"),
+    ("i", "I"),
+    ("j", "J"),
+    ("k", "K"),
+)
+
+
+def write_findings_table(table_node, findings, volume_node) -> None:
+    """Fill the table with one row per finding (``uad.postprocessing.Finding``, voxel indices of ``volume_node``
+    in (i, j, k) order); the R, A, S columns are world coordinates, where the views show the finding."""
+    world = [voxel_to_world(volume_node, f.centroid_voxel) for f in findings]
+    values = {
+        "rank": list(range(1, len(findings) + 1)),
+        "volume_ml": [f.volume_ml for f in findings],
+        "peak_score": [f.peak_score for f in findings],
+        "mean_score": [f.mean_score for f in findings],
+        "r": [p[0] for p in world],
+        "a": [p[1] for p in world],
+        "s": [p[2] for p in world],
+        "i": [f.centroid_voxel[0] for f in findings],
+        "j": [f.centroid_voxel[1] for f in findings],
+        "k": [f.centroid_voxel[2] for f in findings],
+    }
+    table = vtk.vtkTable()
+    for name, _title in FINDINGS_TABLE_COLUMNS:
+        column = vtk.vtkIntArray() if name == "rank" else vtk.vtkDoubleArray()
+        column.SetName(name)
+        for value in values[name]:
+            column.InsertNextValue(value)
+        table.AddColumn(column)
+    was_modifying = table_node.StartModify()
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    for name, title in FINDINGS_TABLE_COLUMNS:
+        table_node.SetColumnTitle(name, title)
+    table_node.SetLocked(True)  # computed: editing a cell would only be overwritten by the next slider step
+    table_node.EndModify(was_modifying)
+
+
+def findings_row_world_position(table_node, row: int, volume_node) -> np.ndarray | None:
+    """World RAS of the finding in ``row`` (0-based), from its voxel columns, so it stays right if the input's
+    transform changed since the table was written; None for a row that is not there."""
+    table = table_node.GetTable()
+    if table is None or not 0 <= row < table.GetNumberOfRows():
+        return None
+    ijk = [table.GetValueByName(row, name).ToDouble() for name in ("i", "j", "k")]
+    return voxel_to_world(volume_node, ijk)
 
 
 # --- segmentation -------------------------------------------------------------------------------------------
@@ -330,11 +418,23 @@ def set_reference_geometry(segmentation_node, volume_node) -> None:
 def write_segment_from_labelmap(segmentation_node, segment_id: str, labelmap_node) -> None:
     """Replace the segment's voxels with the labelmap's non-zero voxels; other segments stay as they are.
 
-    Going through an oriented image (about 0.1 s for 256^3) instead of ImportLabelmapToSegmentationNode keeps
-    the segment's id, name, colour and terminology, and is several times faster.
+    The labelmap and the segmentation sit under the same parent transform (:func:`follow_transform`), so the
+    labelmap's IJK-to-RAS is already in the segmentation's coordinates and goes in as it is. (Slicer's
+    ``CreateOrientedImageDataFromVolumeNode`` would harden the parent transform in, which the segmentation node
+    then applies a second time, and the image it returns is never freed from Python: a labelmap's worth of
+    memory per slider step.) Going through an oriented image (about 0.1 s for 256^3) instead of
+    ImportLabelmapToSegmentationNode keeps the segment's id, name, colour and terminology.
     """
+    image = slicer.vtkOrientedImageData()
+    image.DeepCopy(labelmap_node.GetImageData())  # the segment must not share voxels with the labelmap node
+    image.SetGeometryFromImageToWorldMatrix(_ijk_to_ras_matrix(labelmap_node))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    image = logic.CreateOrientedImageDataFromVolumeNode(labelmap_node)
     extent = image.GetExtent()
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, extent):
         raise RuntimeError(f"could not write the labelmap into segment '{segment_id}'")
+
+
+def _ijk_to_ras_matrix(volume_node) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix
