@@ -42,7 +42,7 @@ class PatchRetrievalConfig(ModelConfig):
     search_diagonals: bool = False  # the whole cube of offsets (27 at radius 1) or only along the axes (7): 4x faster
     neighbours: int = 6  # stored scans searched per new scan: the most similar ones
     best_matches: int = 3  # centre values averaged into the pseudo-healthy value
-    max_subjects: int = 105  # stored healthy scans (every k-th training scan when there are more)
+    max_subjects: int = 50  # stored healthy scans, evenly spread over the training list: ~12 MB in the checkpoint
     statistics_subjects: int = 35  # training scans the healthy map statistics are fitted on (each costs a search)
     ssim_weight: float = 0.5
     per_scan_standardise: bool = True
@@ -73,8 +73,8 @@ class PatchRetrievalModel(AnomalyModel):
 
     # --- fitting: store the healthy scans, then the healthy statistics of the map, leave-one-out -------------------
     def fit(self, volumes: np.ndarray, masks: np.ndarray) -> None:
-        step = max(1, int(np.ceil(len(volumes) / self.config.max_subjects)))
-        kept = np.arange(0, len(volumes), step)
+        kept = np.unique(np.linspace(0, len(volumes) - 1, min(self.config.max_subjects, len(volumes))).round()
+                         .astype(int))
         images = np.round(np.clip(volumes[kept] * masks[kept], 0, 255 / LEVELS) * LEVELS).astype(np.uint8)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, images=images, masks=np.packbits(masks[kept].astype(bool)), source_index=kept)

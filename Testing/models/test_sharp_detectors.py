@@ -1,0 +1,91 @@
+"""The detectors built to be sharp: the coarse-noise DAE, patch retrieval and their fusion."""
+
+import numpy as np
+import pytest
+import torch
+
+from uad.errors import UserInputError
+from uad.models import build_model
+from uad.models.dae import DAEConfig, coarse_noise
+from uad.models.fusion import FusionConfig
+from uad.models.patch_retrieval import PatchRetrievalConfig
+
+from .synthetic_brain import healthy_like
+
+
+def test_dae_noise_is_coarse_and_of_the_configured_strength():
+    torch.manual_seed(0)
+    noise = coarse_noise((64, 1, 80, 96), divisor=8, std=0.2, generator_device=torch.device("cpu"))
+    assert noise.shape == (64, 1, 80, 96)
+    # Drawn on a 10 x 12 grid and upsampled: neighbouring pixels nearly equal, unlike pixel noise.
+    neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
+    assert neighbours > 0.95
+    assert 0.1 < float(noise.std()) < 0.2  # bilinear upsampling smooths a little of the 0.2 away
+
+
+def test_dae_learns_to_remove_its_noise():
+    """A few steps on one slice already lower the denoising loss: the loss measures what it should."""
+    torch.manual_seed(0)
+    model = build_model(DAEConfig(channels=(8, 16, 32)))
+    image, mask = healthy_like()
+    x = torch.from_numpy(np.moveaxis(image, 2, 0)[38:42, None].copy())
+    m = torch.from_numpy(np.moveaxis(mask, 2, 0)[38:42, None].astype(np.float32).copy())
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x, m).total
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+@pytest.fixture(scope="module")
+def patch_model():
+    model = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1))
+    volumes = np.stack([healthy_like(seed)[0] for seed in range(4)])
+    model.fit(volumes, np.stack([healthy_like()[1]] * 4))
+    return model
+
+
+def test_patch_retrieval_returns_a_stored_healthy_scan_unchanged(patch_model):
+    image, mask = healthy_like(2)  # stored as scan 2
+    pseudo = patch_model.pseudo_healthy(torch.from_numpy(image), torch.from_numpy(mask.astype(np.float32)))
+    assert np.abs(pseudo.numpy() - image)[mask].max() < 1 / 170  # its own patches match exactly (8-bit storage)
+
+
+def test_patch_retrieval_replaces_an_anomaly_by_healthy_tissue(patch_model):
+    image, mask = healthy_like(9)  # not stored
+    lesion = image.copy()
+    lesion[35:45, 40:50, 35:45] = 0.05
+    prediction = patch_model._raw_prediction(lesion, mask)
+    inside = prediction.residual[35:45, 40:50, 35:45]
+    outside = prediction.residual[mask & (np.abs(np.indices(mask.shape)[0] - 40) > 15)]
+    assert inside.mean() > 5 * outside.mean()
+    assert np.abs(prediction.reconstruction[35:45, 40:50, 35:45] - image[35:45, 40:50, 35:45]).mean() < 0.1
+
+
+def test_patch_retrieval_statistics_leave_each_scan_out(patch_model):
+    """A stored scan must not find itself when the healthy map statistics are fitted (its error would be 0)."""
+    image, mask = healthy_like(1)
+    own = patch_model._raw_prediction(image, mask).residual[mask].mean()
+    left_out = patch_model._raw_prediction(image, mask, exclude=1).residual[mask].mean()
+    assert own < 1 / 170 < left_out
+
+
+def test_fusion_is_the_weighted_sum_of_its_members_maps():
+    image, mask = healthy_like(3)
+    lesion = image.copy()
+    lesion[35:45, 40:50, 35:45] = 0.05
+    single = build_model(FusionConfig(members=("intensity",), weights=(1.0,)))
+    double = build_model(FusionConfig(members=("intensity", "intensity"), weights=(0.25, 0.5)))
+    np.testing.assert_allclose(double.predict(lesion, mask).anomaly_map,
+                               0.75 * single.predict(lesion, mask).anomaly_map, rtol=1e-5)
+
+
+def test_fusion_refuses_members_other_than_those_it_was_fitted_with():
+    with pytest.raises(UserInputError, match="not the one this fusion was fitted with"):
+        build_model(FusionConfig(members=("intensity",), weights=(1.0,), member_sha256=("0" * 64,))).load_members()
+    with pytest.raises(UserInputError, match="one weight per member"):
+        build_model(FusionConfig(members=("intensity", "dae"), weights=(1.0,)))
