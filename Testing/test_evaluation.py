@@ -76,11 +76,42 @@ def test_a_model_whose_map_is_its_first_stage_points_to_that_row():
     from uad.evaluation import EvaluationConfig, _synthetic_markdown
 
     row = {"ssim_ixi": 0.6, "ssim_mass": 0.5, "auroc_mean": 0.8, "auprc_mean": 0.3, "auroc_pooled": 0.8,
-           "auprc_pooled": 0.3, "dice_mean": 0.2, "threshold": 2.0, "flagged_ml_ixi": 1.0, "flagged_ml_mass": 2.0,
+           "auroc_pooled_ci": [0.78, 0.82], "auprc_pooled": 0.3, "auprc_pooled_ci": [0.28, 0.32], "dice_mean": 0.2,
+           "dice_mean_ci": [0.15, 0.25], "threshold": 2.0, "flagged_ml_ixi": 1.0, "flagged_ml_mass": 2.0,
            "cases": 60, "n_ixi": 30, "n_mass": 15}
-    results = {"intensity": {"synthetic": {**row, "auprc_pooled": 0.4}}, "swin-mae (64 mm)": {"synthetic": row},
+    intensity = {**row, "auprc_pooled": 0.4, "auprc_pooled_ci": [0.38, 0.42]}
+    results = {"intensity": {"synthetic": intensity}, "swin-mae (64 mm)": {"synthetic": row},
                "mae-classifier": {"synthetic": {"same_as_stage_one": "swin-mae"}}}
     markdown = _synthetic_markdown(results, [], EvaluationConfig("data", ("intensity",), "cache"))
     assert "| swin-mae (64 mm) |" in markdown and "| mae-classifier |" not in markdown
     assert "`mae-classifier`'s pixel map and threshold are those of its first stage `swin-mae`" in markdown
     assert "| **no** |" in markdown and "Best model by pooled AUPRC: **intensity**" in markdown
+
+
+def test_anomalies_from_a_fixed_mask_do_not_move_when_the_brain_mask_does():
+    """Registration noise moves a brain mask by a voxel; anomalies drawn from a fixed mask must stay put."""
+    from uad.synthetic import add_synthetic_anomaly
+
+    image = np.full((40, 48, 40), 0.5, np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[5:35, 5:43, 5:35] = True
+    jittered = brain.copy()
+    jittered[5, 5:43, 5:35] = False  # one voxel layer fewer
+    fixed = np.zeros(image.shape, bool)
+    fixed[10:30, 10:38, 10:30] = True
+
+    def truth(mask, centres_from):
+        return add_synthetic_anomaly(image, mask, np.random.default_rng(1), centres_from=centres_from)[1]
+
+    assert not np.array_equal(truth(brain, None), truth(jittered, None))  # the old way: every anomaly moves
+    np.testing.assert_array_equal(truth(brain, fixed)[6:], truth(jittered, fixed)[6:])
+
+
+def test_beats_needs_intervals_that_do_not_overlap():
+    from uad.evaluation import beats_outside_intervals, with_interval
+
+    model = {"auroc_pooled": 0.93, "auroc_pooled_ci": [0.92, 0.94]}
+    assert beats_outside_intervals(model, {"auroc_pooled": 0.88, "auroc_pooled_ci": [0.86, 0.90]}, "auroc_pooled")
+    assert not beats_outside_intervals(model, {"auroc_pooled": 0.91, "auroc_pooled_ci": [0.89, 0.925]},
+                                       "auroc_pooled")
+    assert with_interval(model, "auroc_pooled") == "0.930 [0.920, 0.940]"

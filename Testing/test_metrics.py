@@ -185,3 +185,39 @@ def test_slice_level_auroc_matches_scikit_learn_and_handles_one_class():
     slice_labels = rng.random(60) < slice_scores
     assert slice_level_auroc(slice_scores, slice_labels) == pytest.approx(roc_auc_score(slice_labels, slice_scores))
     assert math.isnan(slice_level_auroc(slice_scores, np.zeros(60, bool)))
+
+
+def test_binned_pooled_metrics_agree_with_the_exact_ones():
+    from uad.metrics import binned_auroc_auprc, histogram_edges, label_histograms
+
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=100_000)
+    labels = rng.random(100_000) < 0.05
+    scores[labels] += 1.5
+    binned = binned_auroc_auprc(label_histograms(scores, labels, histogram_edges(scores)))
+    assert abs(binned[0] - auroc(scores, labels)) < 1e-3
+    assert abs(binned[1] - auprc(scores, labels)) < 3e-3
+
+
+def test_bootstrap_intervals_are_reproducible_and_widen_with_fewer_subjects():
+    from uad.metrics import histogram_edges, label_histograms, mean_interval, pooled_intervals
+
+    rng = np.random.default_rng(4)
+    subjects = []
+    for shift in rng.uniform(0.5, 2.5, size=30):  # subjects differ: the interval must show it
+        scores = rng.normal(size=5000)
+        labels = rng.random(5000) < 0.05
+        scores[labels] += shift
+        subjects.append((scores, labels))
+    edges = histogram_edges(np.concatenate([s for s, _ in subjects]))
+    histograms = np.stack([label_histograms(s, lab, edges) for s, lab in subjects])
+    first, again = pooled_intervals(histograms), pooled_intervals(histograms)
+    assert first == again
+    exact = auroc(np.concatenate([s for s, _ in subjects]), np.concatenate([lab for _, lab in subjects]))
+    low, high = first["auroc_ci"]
+    assert low < exact < high
+    few_low, few_high = pooled_intervals(histograms[:6])["auroc_ci"]
+    assert few_high - few_low > high - low
+    values = rng.normal(0.5, 0.1, size=40)
+    interval = mean_interval(values)
+    assert interval[0] < values.mean() < interval[1]

@@ -13,6 +13,7 @@ from uad.checkpoint import load_checkpoint
 
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARDS.md"
 RESULTS = OUT.with_name("evaluation-results.json")
+GPU_RUNS = OUT.with_name("gpu-training-runs.json")  # every run of tools/train_on_gpu.py, bundled or not
 
 
 def _how_trained(training: dict, config: dict) -> str:
@@ -27,7 +28,30 @@ def _selection(best: dict) -> str:
             "voxel AUPRC on synthetic anomalies in the validation subjects, checked every validate-every steps)")
     if "auprc_final_map" in best:
         text += f"; the final map (after healthy map statistics) scores {best['auprc_final_map']} on the same data"
+    if best.get("curve"):
+        text += "; validation AUPRC by step: " + _curve(best["curve"])
     return text
+
+
+def _curve(curve: list) -> str:
+    return ", ".join(f"{step}: {score:.3f}" for step, score in curve)
+
+
+def _gpu_runs(name: str, bundled_command: str) -> list[str]:
+    """The GPU runs of this model (tools/train_on_gpu.py), with their curves: whether more training would help."""
+    runs = json.loads(GPU_RUNS.read_text()) if GPU_RUNS.exists() else {}
+    lines = []
+    for run, r in runs.items():
+        if r["model"] != name:
+            continue
+        bundled = " (the bundled weights)" if bundled_command == r["command"] else ""
+        lines.append(f"  - `{run}`{bundled}, {r['lease']}, one NVIDIA H200: `{r['command']}`; best raw-map "
+                     f"validation AUPRC {r['auprc']} at step {r['step']}, final map {r.get('auprc_final_map')}; "
+                     f"curve (step: AUPRC) {_curve(r['curve'])}.")
+    if lines:
+        lines.insert(0, "- Trained on a GPU (validation AUPRC of the raw map every few hundred steps; the final map "
+                        "after healthy statistics at the end):")
+    return lines
 
 
 def card(info: catalog.ModelInfo) -> str:
@@ -56,6 +80,7 @@ def card(info: catalog.ModelInfo) -> str:
         base = training["initialised_from"]
         lines.append(f"- First stage: the bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`, frozen), "
                      f"itself from `{base['command']}`.")
+    lines += _gpu_runs(info.name, training.get("command", ""))
     if "threshold_by_mask_size_mm" in calibration:
         sizes = ", ".join(f"{mm} mm: {t:.4g}" for mm, t in calibration["threshold_by_mask_size_mm"].items())
         lines.append(f"- Threshold per mask size (same calibration): {sizes}.")

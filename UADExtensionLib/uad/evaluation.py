@@ -21,6 +21,7 @@ registration single-threaded (see cli.py), so two runs on one machine give the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -54,6 +55,8 @@ from uad.metrics import (
     slice_level_auroc,
     ssim_in_mask,
 )
+from uad.models import Prediction
+from uad.models.fusion import FusionConfig, FusionModel
 from uad.options import MASK_SIZES_MM
 from uad.postprocessing import erode_brain_mask, median_filter, segment_filtered
 from uad.preprocessing import WORKING_GRID, ants
@@ -93,6 +96,7 @@ class Variant:
     checkpoint: Checkpoint
     checkpoint_path: Path
     mask_size_mm: int | None
+    predictions_dir: str | None = None  # where fusion members' predictions are kept (see _stored_predict)
 
     @property
     def label(self) -> str:
@@ -104,17 +108,47 @@ class Variant:
 
     def predict(self, image: np.ndarray, mask: np.ndarray):
         px = self.checkpoint.preprocessing.mask_size_px(self.mask_size_mm) if self.mask_size_mm else None
-        return self.checkpoint.model.predict(image, mask, mask_size_px=px)
+        model = self.checkpoint.model
+        if isinstance(model, FusionModel):  # its members' maps of the same case are usually computed already
+            predictions = [_stored_predict(member, sha, image, mask, px, self.predictions_dir)
+                           for member, sha in zip(model.load_members(), model.member_files)]
+            return model.combine(predictions)
+        return _stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
 
     def filtered(self, prediction, mask: np.ndarray) -> np.ndarray:
         return median_filter(prediction.anomaly_map, mask, SPACING, self.postprocessing.median_mm)
 
 
-def variants_of(checkpoint: Checkpoint, path: Path, mask_sizes_mm=MASK_SIZES_MM) -> list[Variant]:
+# Every protocol gives every model the same cases, and a fusion model's members are models evaluated too: the
+# members' predictions are stored (keyed by weights SHA-256 and the case's bytes, ~7 MB each, in the evaluation
+# cache), so a fusion costs no extra network or retrieval pass, even when evaluated in another run.
+_STORED_MODELS = set(FusionConfig().members)
+
+
+def _stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mask_size_px: int | None,
+                    folder: str | None) -> Prediction:
+    if folder is None or model.config.name not in _STORED_MODELS:
+        return model.predict(image, mask, mask_size_px=mask_size_px)
+    case = hashlib.sha1(image.tobytes() + mask.tobytes()).hexdigest()[:20]
+    path = Path(folder) / f"{sha256[:16]}-{mask_size_px}-{case}.npz"
+    if path.exists():
+        with np.load(path) as arrays:
+            return Prediction(**{key: arrays[key] for key in ("reconstruction", "residual", "anomaly_map")})
+    prediction = model.predict(image, mask, mask_size_px=mask_size_px)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, reconstruction=prediction.reconstruction, residual=prediction.residual,
+             anomaly_map=prediction.anomaly_map)
+    tmp.replace(path)
+    return prediction
+
+
+def variants_of(checkpoint: Checkpoint, path: Path, mask_sizes_mm=MASK_SIZES_MM,
+                predictions_dir: str | None = None) -> list[Variant]:
     """The largest (default, 64 mm) mask first: it is the one the figure uses."""
     if not checkpoint.model.uses_mask_size:
-        return [Variant(checkpoint, path, None)]
-    return [Variant(checkpoint, path, mm) for mm in sorted(mask_sizes_mm, reverse=True)]
+        return [Variant(checkpoint, path, None, predictions_dir)]
+    return [Variant(checkpoint, path, mm, predictions_dir) for mm in sorted(mask_sizes_mm, reverse=True)]
 
 
 def working_grid_slice_scores(variant: Variant, prediction, filtered: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -315,7 +349,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
         ixi_test = _cohort(ixi_dir, test_ids, checkpoint, config.cache_dir, skull_stripped=False)
         mass = _cohort(mass_dir, None, checkpoint, config.cache_dir, skull_stripped=True) if mass_dir.is_dir() else {}
         held_out = HeldOut(data, ixi_test, mass, shapes, placement_mask(checkpoint.preprocessing.working_grid))
-        for variant in variants_of(checkpoint, path, config.mask_sizes_mm):
+        predictions_dir = str(Path(config.cache_dir) / "predictions")
+        for variant in variants_of(checkpoint, path, config.mask_sizes_mm, predictions_dir):
             cache_path = _result_cache_path(config, variant)
             result = json.loads(cache_path.read_text()) if cache_path.exists() else {}
             for protocol in PROTOCOLS:
@@ -323,7 +358,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
                     result[protocol] = run_protocol(protocol, variant, held_out, config)
                     _write_json(cache_path, result)
             results[variant.label] = result
-        figure_columns.append(_figure_column(variants_of(checkpoint, path, config.mask_sizes_mm)[0], ixi_test,
+        figure_columns.append(_figure_column(variants_of(checkpoint, path, config.mask_sizes_mm, predictions_dir)[0],
+                                             ixi_test,
                                              config.seed, held_out.centres_from))
     if figure_columns and config.figure:
         save_model_comparison(config.figure, figure_columns)

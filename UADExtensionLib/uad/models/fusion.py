@@ -90,6 +90,10 @@ class FusionModel(AnomalyModel):
             step = (lambda f, i=index: progress((i + f) / len(members))) if progress else None
             predictions.append(member.predict(image, brain_mask, mask_size_px=mask_size_px, batch_size=batch_size,
                                               progress=step))
+        return self.combine(predictions)
+
+    def combine(self, predictions: list[Prediction]) -> Prediction:
+        """The fused prediction from the members' own (in member order); the evaluation reuses members' maps."""
         fused = sum(w * p.anomaly_map for w, p in zip(self.config.weights, predictions))
         first = predictions[0]
         return Prediction(reconstruction=first.reconstruction, residual=first.residual,
