@@ -10,6 +10,15 @@ DATA=../shared/data
 CACHE=${UAD_CACHE:-$HOME/.cache/uad}
 
 uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity --cache "$CACHE" --seed 0
+# The denoising autoencoder was trained on a lent GPU (one NVIDIA H200), with the papers' models trained further
+# beside it: tools/train_on_gpu.py (its docstring says how the cohort travels there). The exact command of each
+# run, its timing probe and its validation curve are in Resources/gpu-training-runs.json; the bundled dae is run
+# dae-4-0.2 (the best validation AUPRC of the six noise settings tried). On a CUDA machine, the same command:
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae --cache "$CACHE" --seed 0 --steps 8030 \
+#       --batch-size 32 --lr 0.0005 --validate-every 803 --checkpoint-every 803 --threads 2 --device cuda \
+#       --option noise_grid_divisor=4 --option noise_std=0.2
+# Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
+uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
     --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'
 uad train --model rae --data "$DATA/healthy/ixi_t1" --out runs/rae --cache "$CACHE" --seed 0 \
@@ -22,8 +31,13 @@ uad train --model vqvae-transformer --init-from runs/vqvae/model.pt --data "$DAT
 uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DATA/healthy/ixi_t1" \
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
-    runs/mae-classifier --default rae
-MODELS="intensity vqvae vqvae-transformer rae swin-mae mae-classifier"
+    runs/mae-classifier runs/patch-retrieval
+FUSION_WEIGHTS=$(python tools/choose_fusion_weights.py --data "$DATA" | tee Resources/fusion-weights-validation.txt \
+    | tail -1 | python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['weights'])))")
+uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
+    --option 'members=["dae","patch-retrieval"]' --option "weights=[$FUSION_WEIGHTS]"
+python tools/bundle_weights.py runs/fusion --default fusion
+MODELS="intensity dae patch-retrieval fusion rae vqvae vqvae-transformer swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)
 python tools/write_model_cards.py
 uad bench --input "$DATA/healthy/native_head/chris_t1.nii.gz" --models $MODELS --runs 1
