@@ -69,6 +69,8 @@ def test_train_resume_calibrate_and_provenance(cohort, cache, tmp_path):
     resumed = load_checkpoint(train(TrainConfig(**{**config.__dict__, "steps": 3})))
     assert resumed.training["steps"] == 3
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+    # The validation curve (for the model card) keeps the run's points across the resume: steps 2 and 3.
+    assert [step for step, _ in resumed.training["best_validation"]["curve"]] == [2, 3]
 
 
 def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path):
