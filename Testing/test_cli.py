@@ -151,6 +151,9 @@ def test_demo_runs_on_the_bundled_sample(capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == catalog.default_model_name()
     assert report["input"].endswith("mslub_patient26_T1.nii.gz")
+    # a real MS case: skull stripping detected from the image, no refusal
+    assert report["input_check"]["skull_stripping"]["skull_stripped"] is True
+    assert report["input_check"]["refused"] is None
 
 
 def test_a_given_brain_mask_is_the_one_used(capsys, tmp_path):

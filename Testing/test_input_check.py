@@ -141,7 +141,6 @@ CHECK_CASES = {
     "skull-stripped, auto-detected": (make_stripped, None, "ok", ""),
     "skull-stripped given as --full-head": (make_stripped, False, "refuse", "--full-head was given"),
     "full head given as --skull-stripped": (None, True, "refuse", "drop --skull-stripped"),
-    "random noise": (make_noise, None, "refuse", "does not look like a brain"),
     "uniform phantom": (make_phantom, None, "refuse", "does not look like a brain"),
     "a limb, not a head": (make_knee_like, None, "refuse", "does not look like a brain"),
 }
@@ -247,7 +246,7 @@ def test_a_doubtful_input_runs_with_a_warning_everywhere(capsys, tmp_path, ixi):
     assert check["skull_stripping"] == {**check["skull_stripping"], "skull_stripped": False, "decided_by": "auto"}
 
 
-def test_output_header_codes_are_the_inputs(capsys, tmp_path, ixi):
+def test_outputs_keep_the_inputs_header_codes_and_unused_options_are_reported(capsys, tmp_path, ixi):
     image = nib.Nifti1Image(ixi["data"], ixi["affine"])
     image.set_sform(ixi["affine"], code=0)  # as the scanner wrote it: sform_code 0, qform_code 1
     image.set_qform(ixi["affine"], code=1)
@@ -256,23 +255,20 @@ def test_output_header_codes_are_the_inputs(capsys, tmp_path, ixi):
     nib.save(image, str(path))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "detect", str(path), "--out", str(out), "--model", "intensity",
-                           "--progress", "none", "--median-mm", "0")
+                           "--progress", "none", "--mask-size", "32")
     assert code == 0, err
     for name in ("anomaly_map", "segmentation", "brain_mask", "reconstruction", "residual"):
         header = nib.load(str(out / f"{name}.nii.gz")).header
         assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 1), name
         assert header.get_xyzt_units() == ("mm", "sec"), name
         np.testing.assert_allclose(nib.load(str(out / f"{name}.nii.gz")).affine, ixi["affine"], atol=1e-4)
-
-
-def test_mask_size_on_a_model_that_does_not_mask_is_a_warning_not_silence(capsys, tmp_path):
-    out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "detect", str(IXI_T1), "--out", str(out), "--model", "intensity",
-                           "--mask-size", "32", "--progress", "none")
-    assert code == 0, err
+    # --mask-size on a model that does not mask: said, not silently ignored; the input itself is fine
     report = json.loads((out / "report.json").read_text())
-    assert any("--mask-size 32 was ignored" in w for w in report["warnings"]) and report["mask_size"] is None
-    assert report["threshold_source"] == "calibrated" and report["input_check"]["warnings"] == []
+    assert report["warnings"] == ["--mask-size 32 was ignored: intensity does not mask its input (only masking "
+                                  "models such as swin-mae do)"]
+    assert report["mask_size"] is None and report["threshold_source"] == "calibrated"
+    assert report["input_check"]["warnings"] == [] and report["input_check"]["refused"] is None
+    assert "uad: warning: --mask-size 32 was ignored" in err
 
 
 # --- output folders: checked before any processing (an --out under a file: test_cli) ------------------------
@@ -301,3 +297,19 @@ def test_a_cohort_whose_summary_cannot_be_written_stops_with_one_line(capsys, tm
     code, _, err = run_cli(capsys, "detect", str(IXI_T1), str(IXI_T1), "--out", str(out), "--model", "intensity",
                            "--progress", "none")
     assert code == 2 and err.startswith("uad: error: cannot write to the output folder") and err.count("\n") == 1
+
+
+def test_a_masking_models_report_says_at_which_mask_size_its_threshold_was_calibrated():
+    from uad.inference import DetectOptions, Detector
+
+    detector = Detector(DetectOptions(model="swin-mae", mask_size=32, device="cpu"))
+    per_size = detector.checkpoint.calibration.get("threshold_by_mask_size_mm", {})
+    calibrated_at = detector._calibration_report()["mask_size_mm"]
+    warnings = detector._option_warnings()
+    if "32" in per_size:  # calibrated at both sizes: the 32 mm threshold is used, nothing to warn about
+        assert calibrated_at == 32 and warnings == []
+        assert detector.postprocessing.threshold == per_size["32"]
+    else:  # one threshold, from the model's default 64 mm masks: the report and a warning say so
+        assert calibrated_at == 64
+        assert warnings == ["swin-mae's threshold was calibrated at 64 mm masks, not at the 32 mm asked for; its "
+                            "false-positive rate may differ (give --threshold, or recalibrate with 'uad calibrate')"]

@@ -75,7 +75,6 @@ class DetectOptions:
         if self.batch_size < 1:
             raise UserInputError("batch size must be at least 1")
 
-
     @property
     def effective_mask_size(self) -> int:
         return DEFAULT_MASK_SIZE_MM if self.mask_size is None else self.mask_size

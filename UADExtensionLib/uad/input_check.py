@@ -51,7 +51,8 @@ STRIPPED_DARK_SIGNAL_MAX = 0.07
 @dataclass(frozen=True)
 class Limit:
     """Limits of one measure: outside ``refuse`` the input is not a brain T1, outside ``warn`` it is doubtful.
-    ``None`` means no limit on that side. Chosen on healthy data (see ``uad check-inputs``)."""
+    ``None`` means no limit on that side (the contrast ratios never refuse: a T2 is a brain, only doubtful).
+    Chosen on healthy data (see ``uad check-inputs``)."""
 
     unit: str
     warn_low: float | None = None
@@ -107,9 +108,6 @@ MEANING = {
     "background_fraction": "little of the image is background (noise, or not a head image)",
     "tissue_contrast": "the brain region shows no tissue contrast (noise, a phantom, not a brain)",
 }
-# The measures that, far outside their range, mean "not a brain"; the others only ever warn.
-REFUSING = ("registration_correlation", "brain_volume_ml", "brain_coverage", "background_fraction",
-            "tissue_contrast")
 
 
 @dataclass(frozen=True)
@@ -315,10 +313,7 @@ def judge(values: dict[str, float], skull_stripping: SkullStripping) -> InputChe
     for key, value in values.items():
         limit = LIMITS[key]
         name = key.split("/")[0]
-        verdict = limit.verdict(value)
-        if verdict == "refuse" and name not in REFUSING:
-            verdict = "warn"
-        check.measures[name] = Measure(name, value, verdict, limit, limit.margin(value))
+        check.measures[name] = Measure(name, value, limit.verdict(value), limit, limit.margin(value))
 
     doubtful = [m for m in check.measures.values() if m.verdict != "ok"]
     refused = [m for m in doubtful if m.verdict == "refuse"]
