@@ -30,7 +30,9 @@ class Scan:
 
     @property
     def name(self) -> str:
-        return self.path.name.removesuffix(".gz").removesuffix(".nii")
+        """The file name without .nii/.nii.gz; a lesion case's folder comes first (its files are all "T1")."""
+        stem = self.path.name.removesuffix(".gz").removesuffix(".nii")
+        return f"{self.path.parent.name}/{stem}" if self.group == "lesion" else stem
 
 
 def find_scans(data_dir: Path) -> list[Scan]:
@@ -56,7 +58,7 @@ def _cached_values(scan: Scan, cache_dir: Path) -> tuple[dict, dict]:
     from uad.preprocessing import PreprocessConfig, preprocess
 
     stat = scan.path.stat()
-    key = f"{scan.group}-{scan.name}-{stat.st_size}-{int(stat.st_mtime)}".replace(" ", "_")
+    key = f"{scan.group}-{scan.name}-{stat.st_size}-{int(stat.st_mtime)}".replace(" ", "_").replace("/", "_")
     cached = cache_dir / f"{key}.json"
     if cached.exists():
         stored = json.loads(cached.read_text())
@@ -111,8 +113,8 @@ def render(results: dict[str, tuple[Scan, dict, InputCheck]]) -> str:
         margins = [limit.margin(v) for v in healthy]
         measure_rows.append([key, _limit_text(limit.warn_low, limit.warn_high, limit.unit),
                              _limit_text(limit.refuse_low, limit.refuse_high, limit.unit),
-                             f"{min(healthy):.3g} – {max(healthy):.3g}", f"{min(margins):.3g}",
-                             f"{min(lesion):.3g} – {max(lesion):.3g}" if lesion else "–"])
+                             f"{min(healthy):.4g} – {max(healthy):.4g}", f"{min(margins):.3g}",
+                             f"{min(lesion):.4g} – {max(lesion):.4g}" if lesion else "–"])
     measures = benchmarks_file.table(
         ["measure", "warn outside", "refuse outside", "healthy scans (min – max)", "smallest healthy margin",
          "lesion cases"], measure_rows)
@@ -126,7 +128,10 @@ def render(results: dict[str, tuple[Scan, dict, InputCheck]]) -> str:
         "`uad detect` checks its input with default flags: skull stripping auto-detected; lesion cases: the T1, or "
         "the post-contrast T1 where there is no plain one). A false alarm is a healthy scan that is refused or gets "
         "a warning. Limits are in `uad/input_check.py` (`LIMITS`); the margin is the distance of the closest "
-        "healthy scan to a warning limit.",
+        "healthy scan to a warning limit (to the refusal limit for a measure that only refuses). Lesion cases may "
+        "warn (a tumour or post-contrast enhancement changes the contrast) but must not be refused. The limits "
+        "were chosen on these same healthy scans, so the false-alarm rate is in-sample: the margins say how "
+        "close the nearest healthy scan came.",
         "",
         benchmarks_file.hardware_line(),
         "",
