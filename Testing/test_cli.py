@@ -71,7 +71,7 @@ def test_unwritable_output_folder(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     code, _, err = run_cli(capsys, "detect", str(IXI_T1), "--out", str(blocker / "out"), "--progress", "none")
-    assert code == 2 and "cannot write to the output folder" in err
+    assert code == 2 and f"{blocker}, which is a file, not a folder" in err and err.count("\n") == 1
 
 
 def test_errors_have_no_traceback_in_a_real_process(tmp_path):
@@ -152,6 +152,9 @@ def test_demo_runs_on_the_bundled_sample(capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == catalog.default_model_name()
     assert report["input"].endswith("mslub_patient26_T1.nii.gz")
+    # a real MS case: skull stripping detected from the image, no refusal
+    assert report["input_check"]["skull_stripping"]["skull_stripped"] is True
+    assert report["input_check"]["refused"] is None
     assert_findings_describe_the_segmentation(out)
 
 

@@ -170,7 +170,7 @@ def test_a_corrupt_scan_mid_batch_is_recorded_and_the_run_goes_on(capsys, tmp_pa
     rows = {row["id"]: row for row in summary["cases"]}
     assert [row["id"] for row in summary["cases"]] == ["a", "b_corrupt", "c"]
     bad = rows["b_corrupt"]
-    assert bad["status"] == "failed" and "truncated or corrupt" in bad["error"] and "\n" not in bad["error"]
+    assert bad["status"] == "failed" and "not gzip-compressed" in bad["error"] and "\n" not in bad["error"]
     assert bad["out_dir"] is None and bad["segmented_volume_ml"] is None and bad["input"].endswith("b_corrupt.nii.gz")
     for case in ("a", "c"):
         row = rows[case]

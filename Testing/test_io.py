@@ -40,7 +40,7 @@ def test_single_volume_4d_is_accepted(write_nifti):
         (lambda d, w: d / "missing.nii.gz", "not found"),
         (lambda d, w: d, "folder"),
         (lambda d, w: (d / "scan.txt").write_text("hello") and d / "scan.txt", "not a NIfTI"),
-        (lambda d, w: (d / "junk.nii").write_bytes(b"\0" * 100) and d / "junk.nii", "cannot be read"),
+        (lambda d, w: (d / "junk.nii").write_bytes(b"\0" * 100) and d / "junk.nii", "not a NIfTI image"),
         (lambda d, w: w(np.ones((5, 5, 5, 3), np.float32)), "4D"),
         (lambda d, w: w(np.ones((5, 5), np.float32)), "not a 3D volume"),
         (lambda d, w: w(np.ones((5, 5, 1), np.float32)), "not a 3D volume"),

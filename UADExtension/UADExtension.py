@@ -348,6 +348,9 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 date=provenance.date,
                 threshold=provenance.threshold,
             )
+            if provenance.warnings:  # doubts about the input: shown where the results are described
+                self.ui.provenanceLabel.text += "\n" + _("Warning: {warnings}").format(
+                    warnings="\n".join(provenance.warnings))
 
     # --- models -------------------------------------------------------------------------------------------
 
@@ -500,6 +503,10 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.WaitCursor():
                     self.logic.detection.finish(job)
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.process.elapsed_seconds)
+                warnings = job.outputs().report.get("warnings", [])
+                if warnings:
+                    self.ui.statusLabel.text += " " + _("With {count} warning(s) about the input: {first}").format(
+                        count=len(warnings), first=warnings[0])
                 self._showNewResults(slicer.mrmlScene.GetNodeByID(job.input_node_id))
         except DetectionError as exc:
             self.ui.statusLabel.text = _("Failed: {reason}").format(reason=exc)

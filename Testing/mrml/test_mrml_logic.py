@@ -138,6 +138,16 @@ def test_every_output_says_how_it_was_made(logic, input_volume, out_dir):
         assert provenance.date == "2025-01-02T03:04:05+00:00"
         assert provenance.input_volume == "T1"
         assert provenance.postprocessing["median_mm"] == 3.0
+        assert provenance.warnings == ()  # the report had none
+
+
+def test_the_backends_warnings_about_the_input_reach_every_output(logic, input_volume, tmp_path, input_affine):
+    """What the panel shows under the results: report.json's warnings, kept with the nodes (and a saved scene)."""
+    warning = "white matter is not brighter than grey matter, as it is on a T1 (a T2 or FLAIR?)"
+    out_dir = write_out_dir(tmp_path / "warned", INPUT_SHAPE, input_affine, report_extra={"warnings": [warning]})
+    outputs = logic.load_outputs(input_volume, out_dir, SETTINGS)
+    for node in outputs.all():
+        assert nodes.Provenance.from_attributes(node).warnings == (warning,), node.GetName()
 
 
 def test_outputs_are_placed_next_to_the_input_in_the_data_tree(scene, logic, input_volume, out_dir):

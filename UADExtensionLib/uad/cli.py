@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uad.errors import UserInputError
-from uad.options import DEVICE_CHOICES, MASK_SIZES_MM, PROGRESS_MODES, REFINE_METHODS
+from uad.options import DEFAULT_MASK_SIZE_MM, DEVICE_CHOICES, MASK_SIZES_MM, PROGRESS_MODES, REFINE_METHODS
 
 if TYPE_CHECKING:
     from uad.cohort import Case, Shard
@@ -78,6 +78,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         result = Detector(options).run(inputs[0], args.out, progress)
     finally:
         progress.close()
+    for warning in result.warnings:
+        print(f"uad: warning: {warning}", file=sys.stderr)
     if args.progress != "json":
         report = result.report
         print(f"{report['model']} on {report['device']}: {report['segmented_volume_ml']} ml flagged "
@@ -90,6 +92,9 @@ def _detect_cohort(detector: Detector, cases: list[Case], out: str, shard: Shard
     from uad.cohort import run_cohort
 
     summary = run_cohort(detector, cases, out, shard=shard, progress_mode=progress)
+    for result in summary.results:
+        for warning in result.warnings:
+            print(f"uad: case {result.case.id}: warning: {warning}", file=sys.stderr)
     for result in summary.failed:
         print(f"uad: case {result.case.id} failed: {result.error}", file=sys.stderr)
     if summary.interrupted:
@@ -124,7 +129,33 @@ def _cmd_models(args: argparse.Namespace) -> int:
               f"  family {m.family}, modality {m.modality}, grid {grid_text}, {m.parameters:,} parameters\n"
               f"  threshold {m.threshold:.4g}, mask size {'yes' if m.uses_mask_size else 'n/a'}, "
               f"sha256 {m.sha256}")
+        if args.provenance:
+            print(_provenance_text(m.path))
+    if not args.provenance:
+        print("(training provenance of each model: uad models --provenance)")
     return 0
+
+
+def _provenance_text(path: Path) -> str:
+    """How a checkpoint was trained and calibrated, from the checkpoint itself (torch is imported here)."""
+    from uad.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    training, calibration = checkpoint.training, checkpoint.calibration
+    subjects = training.get("subjects") or {}
+    counts = ", ".join(f"{len(ids)} {split}" for split, ids in subjects.items()) if isinstance(subjects, dict) else ""
+    versions = ", ".join(f"{k} {v}" for k, v in (training.get("versions") or {}).items())
+    lines = [
+        f"  trained on {training.get('data', '?')} ({counts or 'subjects not recorded'}), "
+        f"{training.get('steps', '?')} steps in {training.get('seconds', '?')} s on {training.get('hardware', '?')}, "
+        f"{training.get('date', '?')}",
+        f"  command: {training.get('command', '?')}",
+        f"  calibrated on {calibration.get('n_volumes', '?')} healthy validation volumes at "
+        f"{calibration.get('fpr', '?')} voxel false-positive rate ({calibration.get('method', '?')})",
+    ]
+    if versions:
+        lines.append(f"  versions: {versions}")
+    return "\n".join(lines)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -204,13 +235,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_inputs(args: argparse.Namespace) -> int:
+    _set_threads()
+    from uad.input_check_benchmark import run
+
+    results = run(args.data, args.out, args.cache)
+    healthy = [check for (scan, _, check) in results.values() if scan.group != "lesion"]
+    alarms = sum(not c.passed or bool(c.warnings) for c in healthy)
+    refused_lesions = sum(not c.passed for (scan, _, c) in results.values() if scan.group == "lesion")
+    print(f"input check: {alarms} of {len(healthy)} healthy scans refused or warned; {refused_lesions} lesion cases "
+          f"refused; written to {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from uad import resources
 
     args.input = [str(resources.sample_scan())]
     args.out = str(args.out)
     args.shard = None
-    args.skull_stripped = True  # the sample (MSLUB) is distributed skull-stripped
+    args.skull_stripped = None  # detected (the sample, from MSLUB, is skull-stripped)
     _cmd_detect(args)
     print(f"Open in 3D Slicer or any NIfTI viewer: {resources.sample_scan()} with {args.out}/anomaly_map.nii.gz "
           f"as overlay and {args.out}/segmentation.nii.gz as label; quick look: {args.out}/overview.png; "
@@ -225,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def detect_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", help="bundled model name (see 'uad models') or a checkpoint .pt path")
-        sub.add_argument("--mask-size", type=int, choices=MASK_SIZES_MM, default=64,
-                         help="mask side in mm, for masking models (default 64)")
+        sub.add_argument("--mask-size", type=int, choices=MASK_SIZES_MM,
+                         help=f"mask side in mm, for masking models only (default {DEFAULT_MASK_SIZE_MM})")
         sub.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
         sub.add_argument("--brain-mask", help="brain mask NIfTI on the input's grid (skips the template mask)")
         sub.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
@@ -247,12 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--shard", metavar="I/N",
                         help="run only cases I, I+N, I+2N, ... (1-based) of the case list, e.g. "
                              "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; writes cohort-shard-I-of-N.json")
-    detect.add_argument("--skull-stripped", action="store_true", help="the input has no skull")
+    stripping = detect.add_mutually_exclusive_group()
+    stripping.add_argument("--skull-stripped", action="store_true", default=None,
+                           help="the input has no skull (default: detected from the image; see report.json)")
+    stripping.add_argument("--full-head", dest="skull_stripped", action="store_false",
+                           help="the input is a full head, skull included (default: detected from the image)")
     detect_flags(detect)
     detect.set_defaults(handler=_cmd_detect)
 
     models = commands.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
+    models.add_argument("--provenance", action="store_true",
+                        help="also show how each model was trained and calibrated (reads every checkpoint)")
     models.set_defaults(handler=_cmd_models)
 
     train = commands.add_parser(
@@ -315,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="BENCHMARKS.md")
     bench.add_argument("--detect-args", nargs=argparse.REMAINDER, help="extra flags passed to uad detect")
     bench.set_defaults(handler=_cmd_bench)
+
+    check_inputs = commands.add_parser(
+        "check-inputs", help="the input check's false-alarm rate on healthy scans -> BENCHMARKS.md",
+        description="Run the input check of 'uad detect' on every healthy scan (and the lesion cases) of the shared "
+                    "data folder and write its false-alarm rate to the input-check section of --out.")
+    check_inputs.add_argument("--data", required=True, help="the shared data folder (healthy/, lesion/)")
+    check_inputs.add_argument("--out", default="BENCHMARKS.md")
+    check_inputs.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"),
+                              help="measures are cached here per file")
+    check_inputs.set_defaults(handler=_cmd_check_inputs)
 
     demo = commands.add_parser("demo", help="run detect on the bundled sample scan")
     demo.add_argument("--out", default=str(DEMO_OUT))

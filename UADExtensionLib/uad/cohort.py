@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import uad
 from uad.errors import UserInputError
-from uad.io import NIFTI_SUFFIXES
+from uad.io import NIFTI_SUFFIXES, check_output_folder, unwritable_error
 
 if TYPE_CHECKING:
     from uad.inference import Detector
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # Files in an input folder that are not scans: "<id>_brainmask.nii.gz" (the training-data convention) and friends.
 SKIPPED_NAME_ENDINGS = ("_brainmask", "_mask", "_seg")
 CSV_COLUMNS = ("input", "id", "brain_mask")
-SUMMARY_COLUMNS = ("id", "input", "status", "error", "seconds", "segmented_volume_ml", "volume_score", "out_dir")
+SUMMARY_COLUMNS = ("id", "input", "status", "error", "seconds", "segmented_volume_ml", "volume_score", "out_dir",
+                   "warnings")
 _UNSAFE_ID_CHARACTERS = re.compile(r"[^\w.+-]+")
 
 
@@ -63,6 +64,7 @@ class CaseResult:
     segmented_volume_ml: float | None = None
     volume_score: float | None = None
     traceback: str | None = None  # only for unexpected errors (bugs), not for bad input
+    warnings: list[str] = field(default_factory=list)  # doubts about the input (report.json's warnings)
 
     @property
     def ok(self) -> bool:
@@ -79,6 +81,7 @@ class CaseResult:
             "segmented_volume_ml": self.segmented_volume_ml,
             "volume_score": self.volume_score,
             "out_dir": None if self.out_dir is None else str(self.out_dir),
+            "warnings": " | ".join(self.warnings),
         }
         if self.traceback:
             row["traceback"] = self.traceback
@@ -165,7 +168,15 @@ class CohortSummary:
         }
 
     def write(self) -> None:
-        """``<name>.json`` and ``<name>.csv``, each replaced atomically (a reader never sees half a file)."""
+        """``<name>.json`` and ``<name>.csv``, each replaced atomically (a reader never sees half a file).
+
+        A failed write (folder made read-only, disk full) stops the run with a one-line error."""
+        try:
+            self._write()
+        except OSError as exc:
+            raise unwritable_error(self.out_dir, exc) from exc
+
+    def _write(self) -> None:
         _write_atomically(self.json_path, json.dumps(self.to_dict(), indent=2) + "\n")
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
@@ -280,16 +291,15 @@ def run_cohort(detector: Detector, cases: Sequence[Case], out_dir: str | os.Path
     from uad.progress import Progress
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"output path exists and is not a folder: {out_dir}; choose another --out")
+    check_output_folder(out_dir)  # before the model is loaded or any case runs
     summary = CohortSummary(out_dir, planned=len(cases), shard=shard, device=detector.device)
     if cases:
         summary.model = detector.checkpoint.name  # loaded once, here, for every case
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_folder(out_dir)
     except OSError as exc:
-        raise UserInputError(f"cannot write to the output folder {out_dir} ({exc.strerror}); "
-                             f"choose a writable --out") from exc
+        raise unwritable_error(out_dir, exc) from exc
 
     base_options = detector.options
     summary.options = asdict(base_options)
@@ -352,7 +362,8 @@ def _run_case(detector: Detector, case: Case, case_dir: Path, progress) -> CaseR
                           traceback=traceback.format_exc())
     report = result.report
     return CaseResult(case, "ok", _elapsed(started), out_dir=result.out_dir.absolute(),
-                      segmented_volume_ml=report.get("segmented_volume_ml"), volume_score=report.get("volume_score"))
+                      segmented_volume_ml=report.get("segmented_volume_ml"), volume_score=report.get("volume_score"),
+                      warnings=result.warnings)
 
 
 class _TaggedStream:

@@ -29,8 +29,10 @@ from uad.checkpoint import Checkpoint, load_checkpoint
 from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.figures import save_overview
-from uad.io import Volume, load_volume, save_volume
-from uad.options import MASK_SIZES_MM
+from uad.input_check import decide_skull_stripping
+from uad.input_check import measure as check_preprocessed
+from uad.io import Volume, check_output_folder, load_volume, save_volume, unwritable_error
+from uad.options import DEFAULT_MASK_SIZE_MM, MASK_SIZES_MM
 from uad.postprocessing import (
     FINDING_COLUMNS,
     Finding,
@@ -64,10 +66,10 @@ class DetectOptions:
     """Everything ``uad detect`` can be told; ``None`` means "the model's calibrated default"."""
 
     model: str | None = None  # a bundled model name, or a checkpoint path with manifest.json beside it
-    mask_size: int = 64  # mask side in mm, for masking models
+    mask_size: int | None = None  # mask side in mm, for masking models (None: DEFAULT_MASK_SIZE_MM)
     device: str = "auto"
     threshold: float | None = None
-    skull_stripped: bool = False
+    skull_stripped: bool | None = None  # None: detected from the image (uad.input_check)
     brain_mask: str | None = None
     refine: str = "none"
     median_mm: float | None = None
@@ -78,16 +80,25 @@ class DetectOptions:
     batch_size: int = 16
 
     def __post_init__(self):
-        if self.mask_size not in MASK_SIZES_MM:
+        if self.mask_size is not None and self.mask_size not in MASK_SIZES_MM:
             raise UserInputError(f"mask size {self.mask_size} is not supported; use one of {MASK_SIZES_MM} (mm)")
         if self.batch_size < 1:
             raise UserInputError("batch size must be at least 1")
+
+    @property
+    def effective_mask_size(self) -> int:
+        return DEFAULT_MASK_SIZE_MM if self.mask_size is None else self.mask_size
 
 
 @dataclass
 class DetectionResult:
     out_dir: Path
     report: dict = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Doubts about the input or the options (also in report.json); empty when there are none."""
+        return list(self.report.get("warnings", []))
 
 
 def resolve_checkpoint_path(model: str | None) -> Path:
@@ -113,7 +124,7 @@ class Detector:
     @cached_property
     def postprocessing(self) -> PostprocessConfig:
         """The checkpoint's calibrated settings, overridden by what the user asked for."""
-        calibrated = self.checkpoint.calibrated_postprocessing(self.options.mask_size).to_dict()
+        calibrated = self.checkpoint.calibrated_postprocessing(self.options.effective_mask_size).to_dict()
         overrides = {key: getattr(self.options, key)
                      for key in ("threshold", "median_mm", "brain_erosion_mm", "min_component_mm3", "top_k",
                                  "dilation_mm")
@@ -123,6 +134,7 @@ class Detector:
     def run(self, input_path: str | Path, out_dir: str | Path, progress: Progress | None = None) -> DetectionResult:
         progress = progress or Progress("none", STAGE_WEIGHTS)
         out_dir = Path(out_dir)
+        check_output_folder(out_dir)  # before any processing: an unwritable --out fails in a second, not after
         staging = _staging_dir(out_dir)
         try:
             report = self._run(Path(input_path), staging, progress)
@@ -138,17 +150,25 @@ class Detector:
         progress.update("load", 0.0, f"loading {input_path.name}")
         volume = load_volume(input_path)
         brain_mask = load_volume(self.options.brain_mask, what="brain mask") if self.options.brain_mask else None
+        skull_stripping = decide_skull_stripping(volume, self.options.skull_stripped, brain_mask is not None)
         checkpoint = self.checkpoint
+        option_warnings = self._option_warnings()
         seconds["load"] = round(time.perf_counter() - started, 2)
 
         progress.update("preprocessing", 0.0, "bias correction and registration")
         prep = preprocess(volume, checkpoint.preprocessing, brain_mask=brain_mask,
-                          skull_stripped=self.options.skull_stripped)
+                          skull_stripped=skull_stripping.skull_stripped)
         try:
+            clock = time.perf_counter()
+            input_check = check_preprocessed(volume, prep, skull_stripping)
+            input_check.raise_if_refused()  # not a brain T1: nothing is written
+            for warning in input_check.warnings + option_warnings:
+                log.info("warning: %s", warning)  # callers get them in the result and report.json
             seconds.update(prep.seconds)
+            seconds["input_check"] = round(time.perf_counter() - clock, 2)
             progress.update("inference", 0.0, f"running {checkpoint.name} on {self.device}")
             clock = time.perf_counter()
-            mask_size_px = checkpoint.preprocessing.mask_size_px(self.options.mask_size)
+            mask_size_px = checkpoint.preprocessing.mask_size_px(self.options.effective_mask_size)
             prediction = checkpoint.model.predict(prep.image, prep.brain_mask, mask_size_px=mask_size_px,
                                                        batch_size=self.options.batch_size,
                                                        progress=progress.stage_callback("inference"))
@@ -186,10 +206,13 @@ class Detector:
             "segmentation": (segmentation, np.uint8),
             "brain_mask": (brain, np.uint8),
         }
-        for name, (array, dtype) in outputs.items():
-            save_volume(Volume(array, volume.affine), staging / f"{name}.nii.gz", dtype=dtype)
-        _write_overview(staging / "overview.png", volume, outputs, filtered, self.postprocessing.threshold)
-        write_findings_csv(staging / "findings.csv", findings)
+        try:
+            for name, (array, dtype) in outputs.items():
+                save_volume(Volume(array, volume.affine, volume.header_codes), staging / f"{name}.nii.gz", dtype=dtype)
+            _write_overview(staging / "overview.png", volume, outputs, filtered, self.postprocessing.threshold)
+            write_findings_csv(staging / "findings.csv", findings)
+        except OSError as exc:  # disk full, quota, a folder removed under us
+            raise _unwritable(staging.parent, exc) from exc
         seconds["writing"] = round(time.perf_counter() - clock, 2)
         seconds["total"] = round(time.perf_counter() - started, 2)
 
@@ -199,9 +222,12 @@ class Detector:
             "model_version": checkpoint.version,
             "weights_sha256": checkpoint.sha256,
             "threshold": self.postprocessing.threshold,
-            "calibration": {k: v for k, v in checkpoint.calibration.items() if k != "postprocessing"},
+            "threshold_source": "--threshold" if self.options.threshold is not None else "calibrated",
+            "calibration": self._calibration_report(),
             "device": self.device,
-            "mask_size": self.options.mask_size if checkpoint.model.uses_mask_size else None,
+            "mask_size": self.options.effective_mask_size if checkpoint.model.uses_mask_size else None,
+            "input_check": input_check.to_dict(),
+            "warnings": input_check.warnings + option_warnings,
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(),
             "volume_score": volume_score,
@@ -217,8 +243,42 @@ class Detector:
             "torch_version": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise _unwritable(staging.parent, exc) from exc
         return report
+
+    def _calibration_report(self) -> dict:
+        """How the threshold in use was calibrated, including the mask size it was calibrated at."""
+        checkpoint = self.checkpoint
+        calibration = {k: v for k, v in checkpoint.calibration.items() if k != "postprocessing"}
+        if checkpoint.model.uses_mask_size:
+            by_size = checkpoint.calibration.get("threshold_by_mask_size_mm", {})
+            asked = self.options.effective_mask_size
+            calibration["mask_size_mm"] = asked if str(asked) in by_size else self._default_mask_size_mm()
+        return calibration
+
+    def _default_mask_size_mm(self) -> int | None:
+        """The mask size a masking model uses when given none (its calibration ran at it)."""
+        default_px = getattr(self.checkpoint.model.config, "default_mask_size_px", None)
+        grid_spacing = self.checkpoint.preprocessing.working_grid.spacing
+        return None if default_px is None else int(round(default_px * grid_spacing))
+
+    def _option_warnings(self) -> list[str]:
+        """Options that do not apply to this model, or a threshold calibrated for other settings."""
+        warnings = []
+        checkpoint = self.checkpoint
+        if self.options.mask_size is not None and not checkpoint.model.uses_mask_size:
+            warnings.append(f"--mask-size {self.options.mask_size} was ignored: {checkpoint.name} does not mask its "
+                            f"input (only masking models such as swin-mae do)")
+        if checkpoint.model.uses_mask_size and self.options.threshold is None:
+            calibrated_at = self._calibration_report().get("mask_size_mm")
+            if calibrated_at is not None and calibrated_at != self.options.effective_mask_size:
+                warnings.append(f"{checkpoint.name}'s threshold was calibrated at {calibrated_at} mm masks, not at "
+                                f"the {self.options.effective_mask_size} mm asked for; its false-positive rate "
+                                f"may differ (give --threshold, or recalibrate with 'uad calibrate')")
+        return warnings
 
 
 def detect(input_path: str | Path, out_dir: str | Path, options: DetectOptions | None = None,
@@ -232,8 +292,6 @@ def detect(input_path: str | Path, out_dir: str | Path, options: DetectOptions |
 
 
 def _staging_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"output path exists and is not a folder: {out_dir}; choose another --out")
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +320,7 @@ def peak_memory_mb() -> float | None:
 
 
 def _unwritable(out_dir: Path, exc: OSError) -> UserInputError:
-    return UserInputError(f"cannot write to the output folder {out_dir} ({exc.strerror}); choose a writable --out")
+    return unwritable_error(out_dir, exc)
 
 
 def _rounded(values: dict) -> dict:

@@ -119,6 +119,10 @@ class Preprocessed:
     workdir: tempfile.TemporaryDirectory = field(repr=False)
     grid: Grid = WORKING_GRID
     seconds: dict[str, float] = field(default_factory=dict)  # time per step: "preprocessing", "registration"
+    # The registered scan on the registration template's grid, and that template's name: what the input check
+    # (uad.input_check) compares with the template.
+    registered: np.ndarray | None = field(default=None, repr=False)
+    template: str = ""
 
     def to_input_space(self, array: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """Resample a working-grid array onto the input's voxel grid (float32; 0 outside the grid)."""
@@ -175,6 +179,22 @@ def background_value(data: np.ndarray) -> float:
     return low if np.count_nonzero(data == low) >= 0.05 * data.size else 0.0
 
 
+OUTLIER_CEILING = 10.0  # x the 99.9th percentile of the signal; real scans (fat, vessels) stay below 3x
+
+
+def clip_outliers(volume: Volume) -> Volume:
+    """Hot pixels far above the rest of the scan (e.g. 1e15 in a 1e9 image) squash registration's intensity
+    histogram into one bin; clip them (a copy: the input is never modified). Ordinary scans are unchanged."""
+    data = volume.data
+    signal = data[data > 0]
+    if not signal.size:
+        return volume
+    ceiling = OUTLIER_CEILING * float(np.percentile(signal, 99.9))
+    if ceiling <= 0 or float(data.max()) <= ceiling:
+        return volume
+    return Volume(np.minimum(data, ceiling), volume.affine, volume.header_codes)
+
+
 def preprocess(
     volume: Volume,
     config: PreprocessConfig,
@@ -193,6 +213,7 @@ def preprocess(
     offset = min(background_value(volume.data), 0.0)
     if offset < 0:
         volume = Volume(volume.data - offset, volume.affine)
+    volume = clip_outliers(volume)
     workdir = tempfile.TemporaryDirectory(prefix="uad-")
     native = to_ants(volume)
     coarse = _resample_to_spacing(native, config.resample_spacing_mm)
@@ -211,9 +232,10 @@ def preprocess(
             native_mask = native.new_image_like(stripped.astype(np.float32))
         coarse_mask = ants.resample_image_to_target(native_mask, coarse, interp_type="linear") > 0.5
         moving = corrected * coarse_mask
-        fixed = resources.template_image("mni_brain")
+        template = "mni_brain"
     else:
-        moving, fixed, native_mask = corrected, resources.template_image("ixi_head"), None
+        moving, template, native_mask = corrected, "ixi_head", None
+    fixed = resources.template_image(template)
 
     registration_started = time.perf_counter()
     transforms = _register(fixed, moving, config.registration, Path(workdir.name))
@@ -237,6 +259,8 @@ def preprocess(
         transforms=transforms,
         workdir=workdir,
         grid=config.working_grid,
+        registered=ants.apply_transforms(fixed, moving, transforms, interpolator="linear").numpy(),
+        template=template,
     )
     if native_mask is not None:
         prep.input_brain_mask.data = (native_mask.numpy() > 0.5).astype(np.uint8)

@@ -413,6 +413,7 @@ class DetectionLogic:
                 date=str(report.get("date", "")),
                 input_volume=input_node.GetName(),
                 postprocessing=dict(report.get("postprocessing", {})),
+                warnings=tuple(str(w) for w in report.get("warnings", [])),
             )
             nodes.set_provenance(outputs.all(), provenance)
 

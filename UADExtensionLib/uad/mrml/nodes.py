@@ -172,6 +172,7 @@ class Provenance:
     date: str
     input_volume: str
     postprocessing: dict
+    warnings: tuple[str, ...] = ()  # the backend's doubts about the input (report.json's warnings)
 
     _ATTRIBUTES = {
         "model": "model",
@@ -182,11 +183,14 @@ class Provenance:
         "date": "date",
         "input_volume": "inputVolume",
         "postprocessing": "postprocessing",
+        "warnings": "warnings",
     }
+    _OPTIONAL = ("warnings",)  # scenes saved before warnings existed still load
 
     def attributes(self) -> dict[str, str]:
         values = asdict(self)
         values["postprocessing"] = json.dumps(self.postprocessing, sort_keys=True)
+        values["warnings"] = json.dumps(list(self.warnings))
         values["threshold"] = repr(float(self.threshold))
         return {ATTRIBUTE_PREFIX + name: str(values[field]) for field, name in self._ATTRIBUTES.items()}
 
@@ -196,10 +200,14 @@ class Provenance:
         for field, name in cls._ATTRIBUTES.items():
             value = node.GetAttribute(ATTRIBUTE_PREFIX + name)
             if value is None:
+                if field in cls._OPTIONAL:
+                    continue
                 return None
             values[field] = value
         values["threshold"] = float(values["threshold"])
         values["postprocessing"] = json.loads(values["postprocessing"])
+        if "warnings" in values:
+            values["warnings"] = tuple(json.loads(values["warnings"]))
         return cls(**values)
 
 
