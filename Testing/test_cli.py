@@ -91,6 +91,15 @@ def test_models_lists_every_bundled_model_as_json(capsys):
     assert all(len(m["sha256"]) == 64 and m["threshold"] > 0 for m in listed)
 
 
+def test_models_shows_the_training_provenance_the_readme_promises(capsys):
+    code, out, _ = run_cli(capsys, "models", "--provenance")
+    models = catalog.list_models()
+    assert code == 0
+    for line_start in ("  trained on ", "  command: uad train", "  calibrated on "):
+        assert out.count(line_start) == len(models), line_start
+    assert "(training provenance of each model" not in out  # the hint is only for the short listing
+
+
 @pytest.mark.parametrize("model", ["vqvae", "intensity"])
 def test_detect_end_to_end_on_a_real_full_head_scan(capsys, tmp_path, model):
     before = sha(IXI_T1)

@@ -184,7 +184,7 @@ def test_a_corrupt_scan_mid_batch_is_recorded_and_the_run_goes_on(capsys, tmp_pa
     assert table[1]["error"] == bad["error"] and table[0]["out_dir"] == str(out / "a")
 
     lines = err.strip().splitlines()
-    assert lines[0].startswith("uad: case b_corrupt failed: input file is truncated or corrupt")
+    assert lines[0].startswith("uad: case b_corrupt failed: input is named .nii.gz but is not gzip-compressed")
     assert lines[-1] == f"uad: 1 of 3 cases failed; see {out / 'cohort.json'}" and len(lines) == 2
 
     events = [json.loads(line) for line in stdout.splitlines()]

@@ -313,3 +313,15 @@ def test_a_masking_models_report_says_at_which_mask_size_its_threshold_was_calib
         assert calibrated_at == 64
         assert warnings == ["swin-mae's threshold was calibrated at 64 mm masks, not at the 32 mm asked for; its "
                             "false-positive rate may differ (give --threshold, or recalibrate with 'uad calibrate')"]
+
+
+def test_a_cohort_lists_each_cases_warnings(capsys, tmp_path):
+    out = tmp_path / "results"
+    code, _, err = run_cli(capsys, "detect", str(IXI_T1), "--shard", "1/1", "--out", str(out), "--model", "intensity",
+                           "--mask-size", "32", "--progress", "none")
+    assert code == 0, err
+    case = json.loads((out / "cohort-shard-1-of-1.json").read_text())["cases"][0]
+    assert case["status"] == "ok" and case["warnings"] == [
+        "--mask-size 32 was ignored: intensity does not mask its input (only masking models such as swin-mae do)"]
+    assert f"uad: case {case['id']}: warning: --mask-size 32 was ignored" in err
+    assert "--mask-size 32 was ignored" in (out / "cohort-shard-1-of-1.csv").read_text()

@@ -81,7 +81,7 @@ class CaseResult:
             "segmented_volume_ml": self.segmented_volume_ml,
             "volume_score": self.volume_score,
             "out_dir": None if self.out_dir is None else str(self.out_dir),
-            "warnings": " | ".join(self.warnings),
+            "warnings": list(self.warnings),
         }
         if self.traceback:
             row["traceback"] = self.traceback
@@ -183,7 +183,7 @@ class CohortSummary:
         writer.writerow(SUMMARY_COLUMNS)
         for result in self.results:
             row = result.to_dict()
-            writer.writerow(["" if row[column] is None else row[column] for column in SUMMARY_COLUMNS])
+            writer.writerow([_csv_cell(row[column]) for column in SUMMARY_COLUMNS])
         _write_atomically(self.csv_path, text.getvalue())
 
 
@@ -406,6 +406,12 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     partial.replace(path)
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    return " | ".join(value) if isinstance(value, list) else str(value)
 
 
 def _strip_nifti_suffix(name: str) -> str:
