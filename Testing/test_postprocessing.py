@@ -231,6 +231,19 @@ def test_segmentation_is_uint8_and_empty_when_nothing_exceeds_the_threshold():
     assert result.dtype == np.uint8 and result.shape == anomaly.shape and result.sum() == 0
 
 
+def test_threshold_flags_only_values_strictly_above_it():
+    """The one rule (README, PostprocessConfig): a voxel is a candidate when map > threshold, never at equality;
+    calibration's quantile follows the same rule."""
+    anomaly = np.zeros((10, 10, 10), np.float32)
+    anomaly[2:5, 2:5, 2:5] = 0.5  # exactly at the threshold
+    anomaly[6:9, 6:9, 6:9] = np.nextafter(np.float32(0.5), np.float32(1))  # the next float above it
+    result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(0.5))
+    assert result[2:5, 2:5, 2:5].sum() == 0 and result[6:9, 6:9, 6:9].all() and result.sum() == 27
+    # Threshold 0 on an all-zero map flags nothing.
+    zero = np.zeros((10, 10, 10), np.float32)
+    assert segment_filtered(zero, np.ones(zero.shape, bool), ISO, only_threshold(0.0)).sum() == 0
+
+
 def test_segment_anomalies_is_median_then_segmentation():
     rng = np.random.default_rng(3)
     shape = (30, 30, 30)

@@ -194,3 +194,21 @@ def test_choice_labels_are_what_the_panel_shows(module):
     assert [d.label() for d in module.Device] == ["Auto", "GPU (CUDA)", "CPU"]
     assert [m.label() for m in module.MaskSize] == ["32 mm", "64 mm"]
     assert [o.value for o in module.Overlay] == ["anomaly_map", "residual", "none"]
+
+
+@pytest.mark.parametrize("atropos", [True, False])
+def test_the_panels_controls_become_the_backends_settings(module, atropos):
+    """The widget's slot that reads the panel (the parameter node) into post-processing settings: every control,
+    the Atropos checkbox included, reaches the settings and the ``uad detect`` arguments."""
+    from uad.mrml.logic import DetectionRequest, detect_arguments
+
+    widget = module.UADExtensionWidget.__new__(module.UADExtensionWidget)
+    widget._parameterNode = types.SimpleNamespace(threshold=1.75, medianFilter=False, minComponentMm3=120.0, topK=3,
+                                                  atroposRefinement=atropos)
+    settings = widget._postprocessSettings()
+    assert settings.threshold == 1.75 and settings.median_filter is False
+    assert settings.min_component_mm3 == 120.0 and settings.top_k == 3
+    assert settings.refine == ("atropos" if atropos else "none")
+    args = detect_arguments(DetectionRequest(model="intensity", device="cpu"), settings, "in.nii.gz", "out")
+    assert args[args.index("--refine") + 1] == settings.refine
+    assert args[args.index("--threshold") + 1] == "1.75" and args[args.index("--median-mm") + 1] == "0"
