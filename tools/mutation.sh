@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# The project's environment when there is one (README: .venv), else whatever python is on the PATH.
+python=${PYTHON:-$( [ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || command -v python3 )}
 
 # module -> the fast tests that exercise it (no registration, no full detect run)
 declare -A TESTS=(
@@ -54,8 +56,8 @@ EOF
     case "$f" in x*) names+=("uad.$module.${f}__mutmut_*") ;; *) names+=("uad.$module.x_${f}__mutmut_*") ;; esac
   done
   started=$(date +%s)
-  (cd "$work" && nice -n 10 mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${names[@]}" > run.log 2>&1) || true
-  (cd "$work" && mutmut results --all true > results.txt 2>&1) || true
+  (cd "$work" && nice -n 10 "$python" -m mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${names[@]}" > run.log 2>&1) || true
+  (cd "$work" && "$python" -m mutmut results --all true > results.txt 2>&1) || true
   seconds=$(( $(date +%s) - started ))
   killed=$(grep -c ": killed" "$work/results.txt" || true)
   total=$(grep -c ": " "$work/results.txt" || true)
