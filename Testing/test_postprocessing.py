@@ -62,8 +62,13 @@ def test_config_rejects_bad_values_with_one_line(changes):
 
 
 def test_config_from_dict_names_unknown_settings():
-    with pytest.raises(UserInputError, match="median_size"):
-        PostprocessConfig.from_dict({"threshold": 0.5, "median_size": 5})
+    known = "brain_erosion_mm, dilation_mm, median_mm, min_component_mm3, refine, threshold, top_k"
+    with pytest.raises(UserInputError) as error:
+        PostprocessConfig.from_dict({"threshold": 0.5, "median_size": 5, "erosion": 1})
+    assert str(error.value) == f"unknown post-processing setting(s) erosion, median_size; known: {known}"
+    with pytest.raises(UserInputError) as error:
+        PostprocessConfig.from_dict({"median_mm": 3.0})
+    assert str(error.value) == "post-processing settings lack a threshold; calibrate the model or give one"
 
 
 # Median filter
@@ -350,6 +355,86 @@ def test_segment_filtered_is_fast_on_a_sparse_256_cubed_map():
     assert 0 < result.sum() < brain.sum() // 20
     # Target 0.3 s; about 0.07 s measured on the project's shared 2-core machine. Slack for a loaded machine.
     assert min(timings) < 0.6, f"segment_filtered took {min(timings):.3f} s"
+
+
+def test_median_filter_of_an_empty_brain_and_of_a_brain_touching_the_volume_edge():
+    empty = np.zeros((6, 6, 6), bool)
+    result = median_filter(np.ones((6, 6, 6), np.float32), empty, ISO, 3.0)
+    assert result.dtype == np.float32 and not result.any()
+    rng = np.random.default_rng(5)
+    anomaly = rng.random((8, 9, 10)).astype(np.float32)
+    brain = np.zeros(anomaly.shape, bool)
+    brain[3:, 4:, 5:] = True  # reaches the last voxel along every axis
+    expected = ndimage.median_filter(np.where(brain, anomaly, 0), size=3, mode="constant") * brain
+    np.testing.assert_allclose(median_filter(anomaly, brain, ISO, 3.0), expected)
+    with pytest.raises(UserInputError) as error:
+        median_filter(anomaly, brain, ISO, -1.0)
+    assert str(error.value) == "median filter width must be 0 (off) or positive, got -1.0 mm"
+
+
+@pytest.mark.parametrize("voxels, kept", [(8, True), (7, False)])
+def test_a_component_of_exactly_the_minimum_volume_is_kept_and_one_voxel_less_is_not(voxels, kept):
+    anomaly = np.zeros((10, 10, 10), np.float32)
+    cube = np.zeros(anomaly.shape, bool)
+    cube[2:4, 2:4, 2:4] = True  # 8 voxels
+    if voxels == 7:
+        cube[3, 3, 3] = False
+    anomaly[cube] = 1.0
+    result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), (2.0, 1.0, 0.5), only_threshold(0.5,
+                              min_component_mm3=8.0))  # 1 mm^3 voxels: 8 mm^3 is 8 voxels
+    assert result.any() == kept and (not kept or np.array_equal(result > 0, cube))
+
+
+def test_a_single_voxel_below_the_minimum_volume_is_dropped():
+    anomaly = np.zeros((6, 6, 6), np.float32)
+    anomaly[3, 3, 3] = 2.0
+    assert segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(0.5, min_component_mm3=2.0)
+                            ).sum() == 0
+
+
+def test_top_k_ranks_by_mean_even_for_a_single_voxel_and_for_negative_maps():
+    anomaly = np.zeros((12, 12, 12), np.float32)
+    anomaly[2, 2, 2] = 10.0  # one voxel, mean 10
+    anomaly[8, 8, 7:9] = 6.0  # two voxels, mean 6
+    result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(0.5, top_k=1))
+    assert result[2, 2, 2] == 1 and result.sum() == 1
+    negative = np.full((12, 12, 12), -9.0, np.float32)  # a map whose values are all below zero
+    negative[2:4, 2, 2], negative[8, 8:10, 8] = -1.0, -2.0
+    result = segment_filtered(negative, np.ones(negative.shape, bool), ISO, only_threshold(-3.0, top_k=2))
+    assert result.sum() == 4
+
+
+def test_top_k_ties_keep_the_first_components_in_scan_order():
+    """Equal means rank in scan order (a stable sort), so the same map always keeps the same components."""
+    means = [0, -1, -1, -2, -2, -2, -2, -2, -2, 0, -1, 0, -1, -1, 0, 0, -1, -1, -1, 0]  # ties an unstable sort reorders
+    anomaly = np.full((40, 3, 3), -9.0, np.float32)
+    anomaly[::2, 1, 1] = means  # 20 isolated voxels, labelled in this order
+    result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(-5.0, top_k=3))
+    expected = sorted(range(20), key=lambda i: (-means[i], i))[:3]
+    assert sorted(np.flatnonzero(result[::2, 1, 1])) == sorted(expected)
+
+
+def test_erode_brain_mask_by_zero_is_the_mask_and_erodes_at_the_volume_border():
+    from uad.postprocessing import erode_brain_mask
+
+    brain = np.zeros((9, 9, 9), np.uint8)
+    brain[:, 2:7, 2:7] = 1  # touches the volume's border along the first axis
+    unchanged = erode_brain_mask(brain, ISO, 0.0)
+    assert unchanged.dtype == bool and np.array_equal(unchanged, brain > 0)
+    eroded = erode_brain_mask(brain, ISO, 1.0)  # 1 mm on a 1 mm grid: one voxel off every side
+    expected = np.zeros(brain.shape, bool)
+    expected[1:8, 3:6, 3:6] = True  # outside the volume counts as outside the brain
+    np.testing.assert_array_equal(eroded, expected)
+
+
+def test_segment_anomalies_passes_the_image_to_atropos(two_tissues):
+    image, blob = two_tissues
+    anomaly = ball(blob.shape, (14, 20, 20), 7).astype(np.float32)
+    brain = np.ones(blob.shape, bool)
+    config = only_threshold(0.5, refine="atropos")
+    result = segment_anomalies(anomaly, brain, ISO, config, image=image)
+    np.testing.assert_array_equal(result, segment_filtered(anomaly, brain, ISO, config, image=image))
+    assert result.sum() < anomaly.sum()  # refined onto the blob
 
 
 def test_erode_brain_mask_matches_what_segmentation_may_flag():
