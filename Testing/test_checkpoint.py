@@ -30,15 +30,24 @@ def test_checkpoint_carries_everything_needed_to_reproduce(saved):
 
 
 def test_a_modified_file_fails_the_sha256_check(saved):
+    listed = load_checkpoint(saved).sha256
     saved.write_bytes(saved.read_bytes() + b"tampered")
-    with pytest.raises(UserInputError, match="fails its SHA-256 check"):
+    from uad.checkpoint import file_sha256
+
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(saved)
+    assert str(error.value) == (f"checkpoint model.pt fails its SHA-256 check (file {file_sha256(saved)[:12]}..., "
+                                f"manifest {listed[:12]}...); the file is corrupt or was replaced: reinstall or "
+                                "retrain it")
 
 
 def test_an_unlisted_file_is_refused(saved):
     (saved.parent / "manifest.json").write_text(json.dumps({"default": None, "models": []}))
-    with pytest.raises(UserInputError, match="not listed"):
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(saved)
+    assert str(error.value) == (f"checkpoint model.pt is not listed in {saved.parent / 'manifest.json'}; keep the "
+                                "manifest.json that 'uad train' wrote beside it (it holds the SHA-256 every load "
+                                "verifies)")
 
 
 def test_pickled_code_cannot_run(tmp_path):
@@ -57,8 +66,9 @@ def test_pickled_code_cannot_run(tmp_path):
 
 
 def test_a_missing_checkpoint_is_a_user_error(tmp_path):
-    with pytest.raises(UserInputError, match="checkpoint not found: .*nope.pt; check the path"):
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(tmp_path / "nope.pt")
+    assert str(error.value) == f"checkpoint not found: {tmp_path / 'nope.pt'}; check the path or run 'uad models'"
 
 
 def test_an_unknown_format_version_is_refused(tmp_path):
@@ -68,8 +78,9 @@ def test_an_unknown_format_version_is_refused(tmp_path):
 
     path = tmp_path / "future.pt"
     torch.save({"format_version": 99, "model": {"name": "intensity"}}, path)
-    with pytest.raises(UserInputError, match="checkpoint format 99 is not supported"):
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(path, expected_sha256=file_sha256(path))
+    assert str(error.value) == "checkpoint format 99 is not supported by this uad version"
 
 
 def test_an_explicit_sha256_is_checked_instead_of_the_manifest(saved):
