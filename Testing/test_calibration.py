@@ -81,3 +81,43 @@ def test_fpr_outside_zero_one_is_refused(cohort):
     for fpr in (0.0, 1.0):
         with pytest.raises(ValueError, match="fpr"):
             calibrate(model, images, masks, PostprocessConfig(threshold=0.0), fpr=fpr, spacing=SPACING)
+
+
+def test_masking_models_get_a_threshold_per_mask_size_and_others_do_not(cohort):
+    import torch
+
+    from uad.calibration import calibrate_model
+    from uad.models.swin_mae import SwinMAEConfig
+    from uad.preprocessing import PreprocessConfig
+
+    images, masks = cohort
+    post = PostprocessConfig(threshold=0.0, median_mm=0.0, brain_erosion_mm=2.0)
+    preprocessing = PreprocessConfig()
+    torch.manual_seed(0)
+    swin = build_model(SwinMAEConfig(dim=16, heads=(2, 4))).eval()
+    calibration = calibrate_model(swin, images[:2], masks[:2], post, 0.05, preprocessing)
+    by_size = calibration["threshold_by_mask_size_mm"]
+    assert set(by_size) == {"32", "64"}
+    for mm in (32, 64):
+        expected = calibrate(swin, images[:2], masks[:2], post, 0.05, SPACING, preprocessing.mask_size_px(mm))
+        assert by_size[str(mm)] == expected["threshold"]
+    assert by_size["32"] != by_size["64"]
+    assert calibration["threshold"] == calibrate(swin, images[:2], masks[:2], post, 0.05, SPACING)["threshold"]
+
+    intensity = build_model(IntensityConfig(grid_shape=SHAPE))
+    intensity.fit(images, masks)
+    plain = calibrate_model(intensity, images, masks, post, 0.05, preprocessing)
+    assert "threshold_by_mask_size_mm" not in plain
+    assert plain["threshold"] == calibrate(intensity, images, masks, post, 0.05, SPACING)["threshold"]
+
+
+def test_validation_auprc_is_reproducible_and_rewards_a_model_that_sees_the_anomalies(cohort):
+    from uad.calibration import validation_auprc
+
+    images, masks = cohort
+    fitted = build_model(IntensityConfig(grid_shape=SHAPE))
+    fitted.fit(images, masks)
+    blind = build_model(IntensityConfig(grid_shape=SHAPE))  # mean 0, std 1: the map is the image itself
+    score = validation_auprc(fitted, images, masks, seed=3)
+    assert score == validation_auprc(fitted, images, masks, seed=3)
+    assert 0 < validation_auprc(blind, images, masks, seed=3) < score <= 1

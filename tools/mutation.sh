@@ -27,7 +27,9 @@ declare -A TESTS=(
 # Functions of a module that the score covers (a glob on mutmut's mutant names); empty = the whole module.
 # inference: its geometry and slice scores; the detect pipeline around them is covered by the end-to-end tests.
 # cli: option handling; the handlers that run detect/train/evaluate are covered by the end-to-end tests.
+# calibration: recalibrate_checkpoint registers real scans (test_training.py runs it through `uad calibrate`).
 declare -A FUNCTIONS=(
+  [calibration]="filtered_map calibrate calibrate_model validation_auprc"
   [inference]="superior_axis _scores x_resolve_checkpoint_path xǁDetectOptionsǁ__post_init__"
   [cli]="build_parser _postprocess_flags xǁ_Parserǁerror main _cmd_models _default_train_threads"
 )
