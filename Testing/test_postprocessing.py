@@ -42,23 +42,27 @@ def test_config_round_trips_through_a_dict():
 
 
 @pytest.mark.parametrize(
-    "changes",
+    "changes, message",
     [
-        {"refine": "watershed"},
-        {"median_mm": -1.0},
-        {"brain_erosion_mm": -0.5},
-        {"min_component_mm3": -10.0},
-        {"dilation_mm": float("nan")},
-        {"top_k": -1},
-        {"top_k": 2.5},
-        {"threshold": float("inf")},
-        {"threshold": "0.5"},
+        ({"refine": "watershed"}, "refine must be one of none, atropos, got 'watershed'"),
+        ({"median_mm": -1.0}, "median_mm must be 0 (off) or positive, got -1.0"),
+        ({"brain_erosion_mm": -0.5}, "brain_erosion_mm must be 0 (off) or positive, got -0.5"),
+        ({"min_component_mm3": -10.0}, "min_component_mm3 must be 0 (off) or positive, got -10.0"),
+        ({"dilation_mm": float("nan")}, "dilation_mm must be a finite number, got nan"),
+        ({"median_mm": True}, "median_mm must be a finite number, got True"),
+        ({"median_mm": "3"}, "median_mm must be a finite number, got '3'"),
+        ({"top_k": -1}, "top_k must be a whole number >= 0 (0 keeps all components), got -1"),
+        ({"top_k": 2.5}, "top_k must be a whole number >= 0 (0 keeps all components), got 2.5"),
+        ({"top_k": True}, "top_k must be a whole number >= 0 (0 keeps all components), got True"),
+        ({"threshold": float("inf")}, "threshold must be a finite number, got inf"),
+        ({"threshold": "0.5"}, "threshold must be a number, got '0.5'"),
+        ({"threshold": False}, "threshold must be a number, got False"),
     ],
 )
-def test_config_rejects_bad_values_with_one_line(changes):
+def test_config_rejects_bad_values_with_one_line(changes, message):
     with pytest.raises(UserInputError) as error:
         PostprocessConfig(**{"threshold": 0.5, **changes})
-    assert "\n" not in str(error.value)
+    assert str(error.value) == message
 
 
 def test_config_from_dict_names_unknown_settings():
@@ -266,10 +270,20 @@ def test_segment_anomalies_is_median_then_segmentation():
 def test_mismatched_shapes_and_bad_spacing_are_user_errors():
     anomaly = np.zeros((8, 8, 8), np.float32)
     config = PostprocessConfig(threshold=0.5)
-    with pytest.raises(UserInputError, match="brain mask"):
+    with pytest.raises(UserInputError) as error:
         segment_filtered(anomaly, np.ones((8, 8, 9), bool), ISO, config)
-    with pytest.raises(UserInputError, match="spacing"):
+    assert str(error.value) == ("volume shape (8, 8, 8) differs from the brain mask's (8, 8, 9); resample one onto "
+                                "the other")
+    with pytest.raises(UserInputError) as error:
         median_filter(anomaly, np.ones(anomaly.shape, bool), (1.0, 0.0, 1.0), 5.0)
+    assert str(error.value) == ("voxel spacing must be three positive sizes in mm, got (1.0, 0.0, 1.0); check the "
+                                "image header")
+    with pytest.raises(UserInputError) as error:
+        median_filter(anomaly, np.ones(anomaly.shape, bool), (1.0, 1.0), 5.0)
+    assert "got (1.0, 1.0)" in str(error.value)
+    with pytest.raises(UserInputError) as error:
+        segment_filtered(anomaly[0], np.ones((8, 8), bool), ISO, config)
+    assert str(error.value) == "expected a 3D volume, got shape (8, 8)"
 
 
 # Atropos refinement
@@ -324,8 +338,9 @@ def test_atropos_failure_keeps_the_component():
 
 def test_atropos_refinement_needs_the_image():
     anomaly = np.ones((8, 8, 8), np.float32)
-    with pytest.raises(UserInputError, match="image"):
+    with pytest.raises(UserInputError) as error:
         segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, PostprocessConfig(threshold=0.5, refine="atropos"))
+    assert str(error.value) == "Atropos refinement needs the input image; pass it or set refine to 'none'"
 
 
 # Speed: the Slicer threshold slider calls segment_filtered on every move
@@ -412,6 +427,15 @@ def test_top_k_ties_keep_the_first_components_in_scan_order():
     result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(-5.0, top_k=3))
     expected = sorted(range(20), key=lambda i: (-means[i], i))[:3]
     assert sorted(np.flatnonzero(result[::2, 1, 1])) == sorted(expected)
+
+
+def test_anomalies_at_the_volume_edges_are_kept():
+    """Candidates' boxes are clipped to the volume: a region touching index 0 or the last index keeps every voxel."""
+    anomaly = np.zeros((10, 11, 12), np.float32)
+    anomaly[0:3, 0:2, 4:6] = 1.0
+    anomaly[7:10, 8:11, 10:12] = 1.0
+    result = segment_filtered(anomaly, np.ones(anomaly.shape, bool), ISO, only_threshold(0.5))
+    np.testing.assert_array_equal(result, anomaly > 0)
 
 
 def test_erode_brain_mask_by_zero_is_the_mask_and_erodes_at_the_volume_border():
