@@ -472,3 +472,64 @@ def test_erode_brain_mask_matches_what_segmentation_may_flag():
                                dilation_mm=0)
     flagged = segment_filtered(np.ones(brain.shape, np.float32), brain, spacing, config)
     np.testing.assert_array_equal(flagged.astype(bool), erode_brain_mask(brain, spacing, 3.0))
+
+
+# The Atropos rule on given classes (no Atropos run): which classes a component takes, and how far it may grow.
+
+
+def refine_rule(component, classes, radius_mm=3.0):
+    from uad.postprocessing import _refine_component
+
+    return _refine_component(component, classes, ellipsoid_element(radius_mm, ISO))
+
+
+def test_refinement_compares_with_the_ring_around_the_component_only():
+    """Local contrast: class 2 fills the lesion and much of the far field, class 1 the ring around it."""
+    shape = (30, 30, 30)
+    distance = np.sqrt(((np.indices(shape) - 15) ** 2).sum(axis=0))
+    classes = np.where((distance <= 4) | (distance > 6), 2, 1).astype(np.int16)
+    result = refine_rule(distance <= 2, classes)
+    np.testing.assert_array_equal(result, distance <= 4)  # grown to the class-2 ball, not into the far field
+
+
+def test_refinement_grows_a_single_voxel_component():
+    shape = (15, 15, 15)
+    classes = np.ones(shape, np.int16)
+    blob = ball(shape, (7, 7, 7), 1)
+    classes[blob] = 2
+    component = np.zeros(shape, bool)
+    component[7, 7, 7] = True
+    np.testing.assert_array_equal(refine_rule(component, classes), blob)
+
+
+def test_refinement_needs_the_class_more_frequent_inside_than_around():
+    """One brain voxel of the same class in the ring: equally frequent inside and around, so nothing changes."""
+    shape = (15, 15, 15)
+    component = ball(shape, (7, 7, 7), 2)
+    classes = np.zeros(shape, np.int16)  # outside the brain
+    classes[component] = 1
+    classes[7, 7, 10] = 1
+    np.testing.assert_array_equal(refine_rule(component, classes), component)
+
+
+def test_refinement_takes_a_class_enriched_by_exactly_the_minimum():
+    shape = (20, 20, 20)
+    classes = np.ones(shape, np.int16)
+    component = np.zeros(shape, bool)
+    component[10, 5:15, 10] = True  # 10 voxels
+    classes[10, 9, 10] = 2  # 1 of 10 inside, none around: enrichment exactly 0.1
+    expected = np.zeros(shape, bool)
+    expected[10, 9, 10] = True
+    np.testing.assert_array_equal(refine_rule(component, classes), expected)
+
+
+def test_refinement_keeps_parts_touching_the_component_at_a_corner():
+    shape = (24, 24, 24)
+    classes = np.ones(shape, np.int16)
+    component = np.zeros(shape, bool)
+    component[10:13, 10:13, 10:13] = True
+    classes[component] = 2
+    classes[13, 13, 13] = 2  # touches the cube only at its corner
+    expected = component.copy()
+    expected[13, 13, 13] = True
+    np.testing.assert_array_equal(refine_rule(component, classes), expected)
