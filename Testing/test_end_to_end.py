@@ -5,7 +5,8 @@ and into the bundled sample; each is run through ``uad detect`` once (session fi
 must be flagged at its own position in millimetres, with the slice scores peaking at its slice. Every
 post-processing flag is proven to take effect: one run with all flags changed must equal a recomputation from
 its own anomaly map with exactly those values, and differ from the recomputation with any single flag at its
-default. The `intensity` baseline runs where the model does not matter (no network, same registration).
+default. The `intensity` baseline runs where the model does not matter (no network, same registration); the
+sample runs with the default model, as `uad demo` does. Thresholds are read from the checkpoints, never written here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from uad.preprocessing import to_ants
 from conftest import IXI_T1, oblique_affine
 
 LESION_RADIUS_MM = 9.0
-# Right centrum semiovale of the IXI subject: 25 mm right and 15 mm above its brain's centroid (white matter).
+# Offsets from the centroid of each scan's brighter half of voxels (see brain_centroid_ras): for the IXI subject
+# the right centrum semiovale (white matter).
 IXI_LESION_OFFSET_RAS = np.array([25.0, 0.0, 15.0])
 # The sample (MSLUB patient 26): left frontal white matter, away from its own MS lesions.
 SAMPLE_LESION_OFFSET_RAS = np.array([-22.0, 20.0, 12.0])
