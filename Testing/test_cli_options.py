@@ -115,3 +115,13 @@ def test_training_threads_share_the_cores_among_a_nodes_processes(monkeypatch, c
 def test_main_returns_the_handlers_exit_code(capsys):
     assert main(["models", "--json"]) == 0
     capsys.readouterr()
+
+
+def test_ctrl_c_in_a_handler_is_one_line_and_exit_code_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("uad.cli._cmd_models", interrupted)
+    code, out, err = run_cli(capsys, "models")
+    assert code == 130 and out == ""
+    assert err == "uad: interrupted; nothing was written to the output folder\n"
