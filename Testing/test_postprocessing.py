@@ -329,11 +329,17 @@ def test_segment_filtered_refines_with_atropos_using_tissue_around_the_component
     assert (result.astype(bool) & blob).sum() / blob.sum() > 0.95 and result.sum() < 1.05 * blob.sum()
 
 
-def test_atropos_failure_keeps_the_component():
-    image = np.full((24, 24, 24), 100.0, np.float32)  # one intensity: Atropos cannot make 5 classes
-    component = ball(image.shape, (12, 12, 12), 3)
-    result = refine_with_atropos(component, image, np.ones(image.shape, bool), ISO)
-    np.testing.assert_array_equal(result, component)
+def test_atropos_failure_keeps_the_components_and_says_so(caplog):
+    image = np.full((40, 24, 24), 100.0, np.float32)  # one intensity: Atropos cannot make 5 classes
+    components = ball(image.shape, (10, 12, 12), 3) | ball(image.shape, (19, 12, 12), 3)  # boxes overlap
+    with caplog.at_level("WARNING", logger="uad.postprocessing"):
+        result = refine_with_atropos(components, image, np.ones(image.shape, bool), ISO)
+    np.testing.assert_array_equal(result, components)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert all(m.startswith("Atropos failed on a component (") and m.endswith("); it is kept unrefined")
+               and m[len("Atropos failed on a component ("):-len("); it is kept unrefined")] not in ("", "None")
+               for m in messages)  # the message names Atropos's error
 
 
 def test_atropos_refinement_needs_the_image():
@@ -533,3 +539,13 @@ def test_refinement_keeps_parts_touching_the_component_at_a_corner():
     expected = component.copy()
     expected[13, 13, 13] = True
     np.testing.assert_array_equal(refine_rule(component, classes), expected)
+
+
+def test_refinement_leaves_out_same_class_parts_that_do_not_touch_the_component():
+    shape = (24, 24, 24)
+    classes = np.ones(shape, np.int16)
+    component = np.zeros(shape, bool)
+    component[10:13, 10:13, 10:13] = True
+    classes[component] = 2
+    classes[10:13, 10:13, 14] = 2  # within reach, but one voxel of class 1 away from the component
+    np.testing.assert_array_equal(refine_rule(component, classes), component)
