@@ -549,3 +549,14 @@ def test_refinement_leaves_out_same_class_parts_that_do_not_touch_the_component(
     classes[component] = 2
     classes[10:13, 10:13, 14] = 2  # within reach, but one voxel of class 1 away from the component
     np.testing.assert_array_equal(refine_rule(component, classes), component)
+
+
+def test_a_uint8_brain_mask_works_like_a_boolean_one():
+    """Masks read from NIfTI files are uint8 0/1."""
+    rng = np.random.default_rng(2)
+    anomaly = (rng.random((16, 16, 16)) + 2 * ball((16, 16, 16), (8, 8, 8), 3)).astype(np.float32)
+    brain = ball((16, 16, 16), (8, 8, 8), 7)
+    config = PostprocessConfig(threshold=1.0, median_mm=3.0, brain_erosion_mm=1.0, min_component_mm3=5.0)
+    expected = segment_anomalies(anomaly, brain, ISO, config)
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(segment_anomalies(anomaly, brain.astype(np.uint8), ISO, config), expected)
