@@ -43,7 +43,8 @@ def detected(scene, tmp_path):
     settings = PostprocessSettings(threshold=threshold, median_filter=True, min_component_mm3=30.0, top_k=5)
     job = logic.start(volume, DetectionRequest(model="intensity", device="cpu"), settings)
     assert job.process.wait(timeout=300) is State.SUCCEEDED, job.process.error_message
-    while job.poll() is State.RUNNING:  # the outputs are read off the GUI thread
+    deadline = time.monotonic() + 120
+    while job.poll() is State.RUNNING and time.monotonic() < deadline:  # the outputs are read off the GUI thread
         time.sleep(0.05)
     outputs = logic.finish(job)
     return logic, volume, outputs, settings, tuple(float(s) for s in image.header.get_zooms()[:3])
