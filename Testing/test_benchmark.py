@@ -84,3 +84,34 @@ def test_bench_writes_mask_rows_reference_targets_and_rethreshold(tmp_path, monk
     assert f"over the {slices} axial 1 mm slices" in text
     assert f"| {0.5 * 6 * slices:.0f} | swin-mae (64 mm) | 35.0 | 70.0 | {0.5 * 6 * slices / 35:.0f}× |" in text
     assert "| 1% | 9000 | 0.050 | yes |" in text
+
+
+def test_bench_times_a_real_detect_run(tmp_path, monkeypatch, capsys):
+    """`uad bench` end to end with one real timing: a fresh `uad detect` process. The reference network and the
+    256^3 re-threshold (timed above on their own) run on small samples here, and the package's manifest is left
+    alone; every number in the table comes from the measurement."""
+    from conftest import run_cli
+
+    real_reference, real_rethreshold = benchmark.time_reference, benchmark.time_rethreshold
+    monkeypatch.setattr(benchmark, "REFERENCE_SAMPLE", {"batches": 1, "batch_size": 1})
+    monkeypatch.setattr(benchmark, "time_reference", lambda n, **kw: real_reference(
+        n, **{**kw, "passes": {64: 1, 32: 2}, "network": benchmark.reference_network()}))
+    monkeypatch.setattr(benchmark, "time_rethreshold", lambda: real_rethreshold(shape=(64, 64, 64), runs=1))
+    recorded = []
+    monkeypatch.setattr(benchmark, "_record_expected_seconds", recorded.append)
+    out = tmp_path / "BENCHMARKS.md"
+    code, stdout, err = run_cli(capsys, "bench", "--input", str(IXI_T1), "--models", "intensity", "--runs", "1",
+                                "--out", str(out), "--detect-args", "--device", "cpu")
+    assert code == 0, err
+    [results] = recorded
+    timing = results["intensity"]
+    seconds = timing["seconds"]
+    assert timing["device"] == "cpu" and timing["runs"] == 1 and timing["peak_memory_mb"] > 100
+    assert 0 < seconds["inference"] < seconds["total"] < seconds["process"]
+    assert seconds["registration"] > 0 and seconds["preprocessing"] > 0
+    # A brain is 110-150 mm tall: at IXI's 2 mm, 55-75 slices hold brain (the count of the report's scores).
+    assert 50 <= timing["brain_slices"] <= 80
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| intensity | cpu |"))
+    assert f"| {seconds['process']:.1f} |" in row and f"| {seconds['total']:.1f} |" in row
+    assert f"intensity on cpu: {seconds['process']:.1f} s for the whole command" in stdout
+

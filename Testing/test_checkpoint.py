@@ -30,15 +30,24 @@ def test_checkpoint_carries_everything_needed_to_reproduce(saved):
 
 
 def test_a_modified_file_fails_the_sha256_check(saved):
+    listed = load_checkpoint(saved).sha256
     saved.write_bytes(saved.read_bytes() + b"tampered")
-    with pytest.raises(UserInputError, match="fails its SHA-256 check"):
+    from uad.checkpoint import file_sha256
+
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(saved)
+    assert str(error.value) == (f"checkpoint model.pt fails its SHA-256 check (file {file_sha256(saved)[:12]}..., "
+                                f"manifest {listed[:12]}...); the file is corrupt or was replaced: reinstall or "
+                                "retrain it")
 
 
 def test_an_unlisted_file_is_refused(saved):
     (saved.parent / "manifest.json").write_text(json.dumps({"default": None, "models": []}))
-    with pytest.raises(UserInputError, match="not listed"):
+    with pytest.raises(UserInputError) as error:
         load_checkpoint(saved)
+    assert str(error.value) == (f"checkpoint model.pt is not listed in {saved.parent / 'manifest.json'}; keep the "
+                                "manifest.json that 'uad train' wrote beside it (it holds the SHA-256 every load "
+                                "verifies)")
 
 
 def test_pickled_code_cannot_run(tmp_path):
@@ -54,3 +63,51 @@ def test_pickled_code_cannot_run(tmp_path):
 
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
         load_checkpoint(path, expected_sha256=file_sha256(path))
+
+
+def test_a_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError) as error:
+        load_checkpoint(tmp_path / "nope.pt")
+    assert str(error.value) == f"checkpoint not found: {tmp_path / 'nope.pt'}; check the path or run 'uad models'"
+
+
+def test_an_unknown_format_version_is_refused(tmp_path):
+    import torch
+
+    from uad.checkpoint import file_sha256
+
+    path = tmp_path / "future.pt"
+    torch.save({"format_version": 99, "model": {"name": "intensity"}}, path)
+    with pytest.raises(UserInputError) as error:
+        load_checkpoint(path, expected_sha256=file_sha256(path))
+    assert str(error.value) == "checkpoint format 99 is not supported by this uad version"
+
+
+def test_an_explicit_sha256_is_checked_instead_of_the_manifest(saved):
+    with pytest.raises(UserInputError, match="fails its SHA-256 check"):
+        load_checkpoint(saved, expected_sha256="0" * 64)
+    assert load_checkpoint(saved, expected_sha256=load_checkpoint(saved).sha256).threshold == 3.0
+
+
+def test_calibrated_postprocessing_per_mask_size_only_for_masking_models(saved):
+    loaded = load_checkpoint(saved)  # intensity: no masks, a stray per-size table is ignored
+    loaded.calibration = {"postprocessing": {"threshold": 2.0, "top_k": 4}, "threshold_by_mask_size_mm": {"32": 9.0}}
+    assert loaded.calibrated_postprocessing(32).threshold == 2.0 and loaded.calibrated_postprocessing(32).top_k == 4
+    loaded.calibration = {}
+    assert loaded.calibrated_postprocessing().threshold == 0.0
+
+
+def test_a_loaded_checkpoint_predicts_like_the_saved_one(saved):
+    import numpy as np
+
+    from uad.checkpoint import checkpoint_from_dict
+
+    loaded = load_checkpoint(saved)
+    again = checkpoint_from_dict(loaded.to_dict())
+    for key, value in loaded.model.state_dict().items():
+        assert (again.model.state_dict()[key] == value).all()
+    assert not again.model.training and loaded.version == "1"
+    image = np.random.default_rng(0).random(loaded.preprocessing.working_grid.shape).astype(np.float32)
+    mask = np.ones(image.shape, bool)
+    np.testing.assert_array_equal(again.model.predict(image, mask).anomaly_map,
+                                  loaded.model.predict(image, mask).anomaly_map)

@@ -115,3 +115,53 @@ def test_beats_needs_intervals_that_do_not_overlap():
     assert not beats_outside_intervals(model, {"auroc_pooled": 0.91, "auroc_pooled_ci": [0.89, 0.925]},
                                        "auroc_pooled")
     assert with_interval(model, "auroc_pooled") == "0.930 [0.920, 0.940]"
+
+
+def test_uad_evaluate_runs_the_protocols_on_a_tiny_data_folder(tmp_path, capsys):
+    """`uad evaluate` end to end on real scans: five IXI 'subjects' (one lands in the held-out test split), one
+    healthy skull-stripped scan from 'another site' and one lesion case with its expert mask (the sample)."""
+    import json
+    import shutil
+
+    import nibabel as nib
+
+    from uad import resources
+    from uad.data import split_subjects
+
+    from conftest import IXI_MASK, IXI_T1, run_cli
+
+    data = tmp_path / "data"
+    ixi, mass, lesion = data / "healthy/ixi_t1", data / "healthy/mass_t1", data / "lesion/mslub/patient26"
+    for folder in (ixi, mass, lesion):
+        folder.mkdir(parents=True)
+    ids = [f"IXI90{i}" for i in range(5)]
+    for subject in ids:
+        shutil.copy(IXI_T1, ixi / f"{subject}_T1.nii.gz")
+        shutil.copy(IXI_MASK, ixi / f"{subject}_brainmask.nii.gz")
+    shutil.copy(resources.sample_scan(), mass / "mass01_T1.nii.gz")
+    shutil.copy(resources.sample_scan(), lesion / "T1.nii.gz")
+    shutil.copy(resources.sample_lesion_mask(), lesion / "lesion_mask.nii.gz")
+    out, results, cache = tmp_path / "B.md", tmp_path / "results.json", tmp_path / "cache"
+
+    code, stdout, err = run_cli(capsys, "evaluate", "--data", str(data), "--models", "intensity", "--cache", str(cache),
+                                "--out", str(out), "--figure", str(tmp_path / "fig.png"), "--results", str(results))
+    assert code == 0, err
+    result = json.loads(results.read_text())["intensity"]
+    synthetic = result["synthetic"]
+    assert synthetic["n_ixi"] == 1 and synthetic["n_mass"] == 1 and synthetic["cases"] == 2
+    assert 0.5 < synthetic["auroc_pooled"] <= 1 and 0 < synthetic["auprc_pooled"] <= 1
+    # Only the held-out test subject and the other site's scan were ever preprocessed.
+    assert {p.stem for p in cache.rglob("*.npz")} == {*split_subjects(ids).test, "mass01"}
+    case = result["lesions"]["mslub/patient26 T1"]
+    truth = nib.load(str(lesion / "lesion_mask.nii.gz"))
+    voxel_ml = np.prod(truth.header.get_zooms()) / 1000
+    assert case["lesion_ml"] == np.count_nonzero(np.asanyarray(truth.dataobj)) * voxel_ml
+    assert 0 <= case["dice"] <= case["best_dice"] <= 1 and case["flagged_ml"] > 0
+    assert result["stroke"] == {} and result["other_contrasts"] == {}  # no stroke shapes, no other contrast here
+    table = out.read_text()
+    assert (f"| intensity | {synthetic['ssim_ixi']:.3f} | {synthetic['ssim_mass']:.3f} | {synthetic['auroc_mean']:.3f} "
+            f"| {synthetic['auprc_mean']:.3f} | {synthetic['auroc_pooled']:.3f} | {synthetic['auprc_pooled']:.3f} |"
+            ) in table
+    assert f"| intensity | mslub/patient26 T1 | {case['lesion_ml']:.3f} | {case['flagged_ml']:.3f} |" in table
+    assert f"intensity: SSIM {synthetic['ssim_ixi']:.3f}, AUROC {synthetic['auroc_pooled']:.3f}" in stdout
+    assert io.imread(tmp_path / "fig.png").ndim == 3

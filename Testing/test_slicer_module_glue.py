@@ -401,3 +401,89 @@ def test_closing_the_module_stops_its_timers_and_threads(panel):
 
 def nodes_of(volume):
     return nodes.find_output_nodes(volume)
+
+
+@pytest.mark.parametrize("atropos", [True, False])
+def test_the_panels_controls_become_the_backends_settings(module, atropos):
+    """The widget's slot that reads the panel (the parameter node) into post-processing settings: every control,
+    the Atropos checkbox included, reaches the settings and the ``uad detect`` arguments."""
+    from uad.mrml.logic import DetectionRequest, detect_arguments
+
+    widget = module.UADExtensionWidget.__new__(module.UADExtensionWidget)
+    widget._parameterNode = types.SimpleNamespace(threshold=1.75, medianFilter=False, minComponentMm3=120.0, topK=3,
+                                                  atroposRefinement=atropos)
+    settings = widget._postprocessSettings()
+    assert settings.threshold == 1.75 and settings.median_filter is False
+    assert settings.min_component_mm3 == 120.0 and settings.top_k == 3
+    assert settings.refine == ("atropos" if atropos else "none")
+    args = detect_arguments(DetectionRequest(model="intensity", device="cpu"), settings, "in.nii.gz", "out")
+    assert args[args.index("--refine") + 1] == settings.refine
+    assert args[args.index("--threshold") + 1] == "1.75" and args[args.index("--median-mm") + 1] == "0"
+
+
+class Timer:
+    """qt.QTimer, reduced to what the throttle uses."""
+
+    def __init__(self):
+        self.starts = 0
+
+    def isActive(self):
+        return False
+
+    def start(self):
+        self.starts += 1
+
+
+def bare_widget(module, **parameters):
+    widget = module.UADExtensionWidget.__new__(module.UADExtensionWidget)
+    widget._parameterNode = types.SimpleNamespace(**{"threshold": 1.0, "medianFilter": True, "minComponentMm3": 50.0,
+                                                     "topK": 10, "atroposRefinement": False, "inputVolume": None,
+                                                     **parameters})
+    widget._postprocessTimer = Timer()
+    widget._job = None
+    return widget
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_ticking_atropos_needs_its_dependencies_or_unticks_itself(module, installed):
+    widget = bare_widget(module)
+    asked = Recorder(answer=installed)
+    widget.logic = types.SimpleNamespace(ensureDependencies=asked)
+    widget.ui = types.SimpleNamespace(atroposCheckBox=types.SimpleNamespace(checked=True))
+    widget.onAtroposToggled(True)
+    assert asked.calls == [((), {"askConfirmation": True})]
+    assert widget.ui.atroposCheckBox.checked is installed
+    assert widget._postprocessTimer.starts == (1 if installed else 0)
+    widget.onAtroposToggled(False)  # unticking asks nothing and recomputes
+    assert len(asked.calls) == 1 and widget._postprocessTimer.starts == (2 if installed else 1)
+
+
+def test_moving_the_threshold_updates_the_overlay_at_once_and_the_segmentation_soon(module):
+    volume = object()
+    widget = bare_widget(module, inputVolume=volume)
+    shown = []
+    widget.logic = types.SimpleNamespace(detection=types.SimpleNamespace(
+        set_display_threshold=lambda node, value: shown.append((node, value))))
+    widget.onThresholdChanged(2.5)
+    assert widget._parameterNode.threshold == 2.5 and shown == [(volume, 2.5)]
+    assert widget._postprocessTimer.starts == 1
+
+
+def test_applying_postprocessing_sends_the_panels_settings_to_the_logic(module, monkeypatch):
+    volume = object()
+    widget = bare_widget(module, inputVolume=volume, threshold=0.8, topK=2, atroposRefinement=True)
+    updates = []
+    summary = types.SimpleNamespace(voxels=12, volume_ml=0.096, seconds=0.05)
+    widget.logic = types.SimpleNamespace(detection=types.SimpleNamespace(
+        has_results=lambda node: node is volume,
+        postprocessing_is_quick=lambda node, settings: True,
+        update_postprocessing=lambda node, settings: updates.append(settings) or summary))
+    widget.ui = types.SimpleNamespace(resultSummaryLabel=types.SimpleNamespace(text=""))
+    monkeypatch.setattr(widget, "_updateOutputsSection", lambda: None)
+    widget._applyPostprocessing()
+    [settings] = updates
+    assert (settings.threshold, settings.top_k, settings.refine) == (0.8, 2, "atropos")
+    assert widget.ui.resultSummaryLabel.text == "12 voxels flagged (0.10 ml); updated in 50 ms."
+    widget._job = object()  # while a detection runs, nothing is recomputed
+    widget._applyPostprocessing()
+    assert len(updates) == 1

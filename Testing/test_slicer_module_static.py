@@ -12,8 +12,6 @@ import struct
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "UADExtension"
 MODULE_FILE = MODULE_DIR / "UADExtension.py"
@@ -158,7 +156,10 @@ def test_requirements_match_the_backend_and_spare_slicers_packages():
 
     requirements = dependencies.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
     assert dependencies.protected_requirements(requirements) == []
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser, from the test extra
+        import tomli as tomllib
     project = tomllib.loads((LIB_DIR / "pyproject.toml").read_text())["project"]
     needed = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in project["dependencies"]}
     protected = {dependencies.canonical_name(p) for p in dependencies.PROTECTED_PACKAGES}

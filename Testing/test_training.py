@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from uad.calibration import recalibrate_checkpoint
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, split_subjects
 from uad.errors import UserInputError
 from uad.training import TrainConfig, train
 
-from conftest import IXI_MASK, IXI_T1
+from conftest import IXI_MASK, IXI_T1, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +72,21 @@ def test_train_resume_calibrate_and_provenance(cohort, cache, tmp_path):
     assert [step for step, _ in resumed.training["best_validation"]["curve"]] == [2, 3]
 
 
-def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path):
+def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path, capsys):
     path = train(TrainConfig(model="intensity", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
                              cache_dir=str(cache), threads=1))
     checkpoint = load_checkpoint(path)
     assert checkpoint.training["steps"] == 0 and checkpoint.threshold > 0
     assert float(checkpoint.model.mean.max()) > 0.5  # a mean brain, normalised near 1
 
-    # Re-calibrating at a 5x higher false-positive rate lowers the threshold, on subjects it was not trained on.
-    threshold = recalibrate_checkpoint(path, str(cohort), str(cache), fpr=0.05)
+    # Re-calibrating (`uad calibrate`, as a user does) at a 5x higher false-positive rate lowers the threshold, on
+    # subjects it was not trained on.
+    code, out, err = run_cli(capsys, "calibrate", "--model", str(path), "--data", str(cohort), "--cache", str(cache),
+                             "--fpr", "0.05")
+    assert code == 0, err
     again = load_checkpoint(path)  # the manifest was updated with the new SHA-256, so this verifies
-    assert again.threshold == threshold < checkpoint.threshold
+    assert out == f"calibrated {path}: threshold {again.threshold:.4g} at 5.00% healthy voxel FPR\n"
+    assert again.threshold < checkpoint.threshold and again.calibration["fpr"] == 0.05
     assert not set(again.calibration["subjects"]) & set(checkpoint.training["subjects"]["train"])
 
 

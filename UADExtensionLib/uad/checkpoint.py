@@ -87,7 +87,7 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None)
         if entry is None:
             raise UserInputError(
                 f"checkpoint {path.name} is not listed in {path.parent / 'manifest.json'}; "
-                "register it with 'uad calibrate --bundle' so its SHA-256 can be verified"
+                "keep the manifest.json that 'uad train' wrote beside it (it holds the SHA-256 every load verifies)"
             )
         expected_sha256 = entry.sha256
     actual = file_sha256(path)
