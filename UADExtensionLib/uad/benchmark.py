@@ -91,19 +91,35 @@ def uses_mask_size(model: str) -> bool:
     return catalog.get_model_info(model).uses_mask_size
 
 
+def calibrated_mask_modes(model: str) -> list[str]:
+    """The mask modes other than ``sliding`` that ``model`` takes and has a calibrated threshold for."""
+    from uad.checkpoint import load_checkpoint
+    from uad.inference import resolve_checkpoint_path
+
+    checkpoint = load_checkpoint(resolve_checkpoint_path(model))
+    calibrated = checkpoint.calibration.get("threshold_by_mask_mode", {})
+    return [mode for mode in checkpoint.model.mask_modes if mode != "sliding" and mode in calibrated]
+
+
 def detect_variants(models: list[str], extra_args: list[str], devices: list[str | None]) -> list[dict]:
-    """One entry per timed configuration: masking models at both mask sizes (unless the flags fix one), on
-    every device (``None``: whatever the flags or ``auto`` choose)."""
+    """One entry per timed configuration: masking models at both mask sizes (unless the flags fix one) and in
+    every calibrated mask mode (unless the flags fix one), on every device (``None``: whatever the flags or
+    ``auto`` choose)."""
     variants = []
     for model in models:
         sizes = sorted(MASK_SIZES_MM, reverse=True) if uses_mask_size(model) and "--mask-size" not in extra_args \
             else [None]
+        modes = ["sliding", *calibrated_mask_modes(model)] if "--mask-mode" not in extra_args else ["sliding"]
         for device in devices:
-            for size in sizes:
-                args = [*extra_args, *(["--mask-size", str(size)] if size else []),
-                        *(["--device", device] if device else [])]
-                label = f"{model} ({size} mm)" if size else model
-                variants.append({"model": model, "mask_size": size, "label": label, "device": device, "args": args})
+            for mode in modes:
+                for size in sizes:
+                    args = [*extra_args, *(["--mask-size", str(size)] if size else []),
+                            *(["--mask-mode", mode] if mode != "sliding" else []),
+                            *(["--device", device] if device else [])]
+                    settings = [f"{size} mm"] * bool(size) + [mode] * (mode != "sliding")
+                    label = f"{model} ({', '.join(settings)})" if settings else model
+                    variants.append({"model": model, "mask_size": size, "mask_mode": mode, "label": label,
+                                     "device": device, "args": args})
     return variants
 
 
@@ -238,7 +254,8 @@ def bench(input_path: Path, models: list[str], runs: int, out: str, extra_args: 
                                          **REFERENCE_SAMPLE))
     results = {}
     for key, variant in zip(keys, variants):
-        results[key] = {**summarise_detect(reports[key]), **{k: variant[k] for k in ("model", "mask_size", "label")}}
+        results[key] = {**summarise_detect(reports[key]),
+                        **{k: variant[k] for k in ("model", "mask_size", "mask_mode", "label")}}
         results[key]["target"] = _detect_target(results[key])
     reference = {device: merge_reference_rounds(rounds) for device, rounds in reference_rounds.items()}
     rethreshold = time_rethreshold()
@@ -297,6 +314,7 @@ def _markdown(input_path: Path, volume: Volume, models: list[str], runs: int, ex
             first = [f"{mask_px} mm ({mask_px} px at 1 mm)", device, ref["passes"],
                      _spread(ref.get("spread", (ref["seconds_per_slice_pass"],) * 3), 3), f"{ref['seconds']:.0f}"]
             ours = [r for r in results.values() if r["mask_size"] == mask_px and r["device"] == device]
+            # every mask mode of ours makes the same 4 passes per slice: each row is compared
             for r in ours:
                 inference, process = r["seconds"]["inference"], r["seconds"]["process"]
                 reference_rows.append([*first, r["label"], f"{inference:.1f}", f"{process:.1f}",
@@ -323,7 +341,8 @@ def _markdown(input_path: Path, volume: Volume, models: list[str], runs: int, ex
         "shows in that spread), peak memory the largest resident set size. Runs are interleaved in rounds: each "
         "round runs every row once, then the reference below, so a load change hits both. `total` is the "
         "pipeline inside detect; `process` is the whole command as a user waits for it (Python start-up and "
-        "imports of torch, monai and antspyx included). Masking models run at both mask sizes (`--mask-size`). "
+        "imports of torch, monai and antspyx included). Masking models run at both mask sizes (`--mask-size`) "
+        "and in every mask mode they are calibrated for (`--mask-mode`; both modes make 4 passes per slice). "
         + gpu_text,
         "",
         table(["model", "device", *[f"{s} (s)" for s in STAGES], "process min / median / max (s)",
@@ -385,7 +404,8 @@ def _record_expected_seconds(results: dict) -> None:
     models: at the default 64 mm mask)."""
     models = {m.name: m for m in catalog.list_models()}
     measured = {r["model"]: r["seconds"]["process"] for r in results.values()
-                if r["model"] in models and r["device"] == "cpu" and r["mask_size"] in (None, 64)}
+                if r["model"] in models and r["device"] == "cpu" and r["mask_size"] in (None, 64)
+                and r.get("mask_mode", "sliding") == "sliding"}
     if measured:
         updated = [replace(m, expected_seconds_cpu=round(measured[m.name], 1)) if m.name in measured else m
                    for m in models.values()]
