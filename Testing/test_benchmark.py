@@ -5,20 +5,25 @@ import pytest
 
 from uad import benchmark
 from uad.io import Volume
+from uad.models.swin_mae import SwinBlock
 
 from conftest import IXI_T1
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """The paper's network (Swin-T MAE, 224 px, window 7, four stages) with random weights: it must run."""
+    """The paper's network (Swin MAE 2-2-2-2, 224 px, window 7, 3 decoder stages) with random weights: it must run."""
     return benchmark.reference_network()
 
 
-def test_reference_network_is_swin_t_sized(reference):
+def test_reference_network_is_the_papers_inference_network(reference):
     assert reference.patch_size == 4 and reference.position.shape == (1, 56, 56, 96)
-    assert [len(stage) for stage in reference.encoder] == [2, 2, 6, 2]
+    assert [len(stage) for stage in reference.encoder] == [2, 2, 2, 2]
     assert [stage[0].heads for stage in reference.encoder] == [3, 6, 12, 24]
+    assert [len(stage) for stage in reference.decoder] == [2, 2, 2]  # 3 up-stages of 2 blocks
+    assert all(block.window == 7 for stage in [*reference.encoder, *reference.decoder] for block in stage)
+    assert sum(isinstance(m, SwinBlock) for m in reference.modules()) == 14
+    assert sum(p.numel() for p in reference.parameters()) / 1e6 == pytest.approx(26.9, abs=0.05)
 
 
 def test_reference_cost_is_positive_and_scales_with_passes(reference):
@@ -54,27 +59,37 @@ def test_brain_slices_become_1mm_slices():
     assert benchmark.slices_at_1mm(Volume(np.zeros((4, 4, 4), np.float32), sagittal), 100) == 100
 
 
-def _fake_detect(input_path, model, runs, args):
-    mask = int(args[args.index("--mask-size") + 1]) if "--mask-size" in args else None
-    process = {None: 20.0, 64: 70.0, 32: 90.0}[mask]  # 64 mm misses its 60 s target
-    seconds = {stage: 1.0 for stage in benchmark.STAGES} | {"inference": process / 2, "process": process}
-    return {"seconds": seconds, "peak_memory_mb": 1500.0, "device": "cpu", "runs": runs, "brain_slices": 110}
+def _fake_detect_once(calls):
+    def detect_once(input_path, model, args):
+        mask = int(args[args.index("--mask-size") + 1]) if "--mask-size" in args else None
+        calls.append(f"{model} {mask}")
+        process = {None: 20.0, 64: 70.0, 32: 90.0}[mask] + len(calls) / 100  # 64 mm misses its 60 s target
+        seconds = {stage: 1.0 for stage in benchmark.STAGES} | {"inference": process / 2, "process": process}
+        return {"seconds": seconds, "peak_memory_mb": 1500.0, "device": "cpu", "slice_scores": [0.1] * 110 + [None]}
+    return detect_once
 
 
 def test_bench_writes_mask_rows_reference_targets_and_rethreshold(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "uses_mask_size", lambda model: model == "swin-mae")
-    monkeypatch.setattr(benchmark, "time_detect", _fake_detect)
-    monkeypatch.setattr(benchmark, "time_reference", lambda n, **kw: {
-        64: {"passes": 6, "seconds_per_slice_pass": 0.5, "seconds": 0.5 * 6 * n, "slices": n},
-        32: {"passes": 30, "seconds_per_slice_pass": 0.5, "seconds": 0.5 * 30 * n, "slices": n}})
+    calls = []
+    monkeypatch.setattr(benchmark, "detect_once", _fake_detect_once(calls))
+
+    def fake_reference(n, **kw):
+        calls.append("reference")
+        per_pass = [0.4, 0.5, 0.9][calls.count("reference") - 1]  # a load spike in the last round
+        return {64: {"passes": 6, "seconds_per_slice_pass": per_pass, "seconds": per_pass * 6 * n, "slices": n},
+                32: {"passes": 30, "seconds_per_slice_pass": per_pass, "seconds": per_pass * 30 * n, "slices": n}}
+    monkeypatch.setattr(benchmark, "time_reference", fake_reference)
     monkeypatch.setattr(benchmark, "time_rethreshold", lambda: [
         {"flagged_fraction": 0.01, "seconds": 0.05, "runs": 5, "shape": (256,) * 3, "brain_voxels": 1_500_000,
          "segmented_voxels": 9000}])
     monkeypatch.setattr(benchmark, "_record_expected_seconds", lambda results: None)  # the package's manifest
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     out = tmp_path / "BENCHMARKS.md"
-    results = benchmark.bench(IXI_T1, ["vqvae", "swin-mae"], 1, str(out), [])
+    results = benchmark.bench(IXI_T1, ["vqvae", "swin-mae"], 3, str(out), [])
+    assert calls == ["vqvae None", "swin-mae 64", "swin-mae 32", "reference"] * 3  # interleaved rounds
     assert list(results) == ["vqvae", "swin-mae (64 mm)", "swin-mae (32 mm)"]
+    assert results["swin-mae (64 mm)"]["process_spread"] == pytest.approx((70.02, 70.06, 70.10))
     assert [r["target"]["met"] for r in results.values()] == [True, False, True]
     text = out.read_text()
     assert "| swin-mae (64 mm) | cpu |" in text and "≤ 60 s, ≤ 4 GB | **no** (time) |" in text
@@ -82,7 +97,10 @@ def test_bench_writes_mask_rows_reference_targets_and_rethreshold(tmp_path, monk
     assert "no GPU present" in text
     slices = benchmark.slices_at_1mm(benchmark.load_volume(IXI_T1), 110)
     assert f"over the {slices} axial 1 mm slices" in text
-    assert f"| {0.5 * 6 * slices:.0f} | swin-mae (64 mm) | 35.0 | 70.0 | {0.5 * 6 * slices / 35:.0f}× |" in text
+    assert "| 70.0 / 70.1 / 70.1 | 1500 |" in text
+    inference = 70.06 / 2  # median round
+    assert (f"| 0.400 / 0.500 / 0.900 | {0.5 * 6 * slices:.0f} | swin-mae (64 mm) | {inference:.1f} | 70.1 | "
+            f"{0.5 * 6 * slices / inference:.0f}× |") in text
     assert "| 1% | 9000 | 0.050 | yes |" in text
 
 

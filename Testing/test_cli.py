@@ -59,6 +59,8 @@ def test_bad_input_files(capsys, tmp_path, bad_inputs, case):
         (["--model", "vqvea"], "did you mean 'vqvae'"),
         (["--mask-size", "48"], "invalid choice"),
         (["--device", "tpu"], "invalid choice"),
+        (["--mask-mode", "random"], "invalid choice"),
+        (["--model", "intensity", "--mask-mode", "iterative"], "intensity does not mask"),
     ],
 )
 def test_bad_options(capsys, tmp_path, flags, message):

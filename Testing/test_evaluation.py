@@ -25,6 +25,25 @@ def test_masking_models_are_evaluated_once_per_mask_size_with_their_own_threshol
     assert [v.label for v in variants_of(plain, Path("intensity.pt"))] == ["intensity"]
 
 
+def test_a_calibrated_mask_mode_adds_a_row_per_mask_size_with_its_threshold():
+    from uad.models.mae_classifier import MAEClassifierConfig
+
+    calibration = {"postprocessing": {"threshold": 2.0}, "threshold_by_mask_size_mm": {"32": 1.0, "64": 2.0},
+                   "threshold_by_mask_mode": {"iterative": {"threshold": 2.5,
+                                                            "threshold_by_mask_size_mm": {"32": 1.5, "64": 2.5}}}}
+    swin = Checkpoint(build_model(SwinMAEConfig()), PreprocessConfig(), calibration)
+    variants = variants_of(swin, Path("swin-mae.pt"))
+    assert [v.label for v in variants] == ["swin-mae (64 mm)", "swin-mae (32 mm)", "swin-mae (64 mm, iterative)",
+                                           "swin-mae (32 mm, iterative)"]
+    assert [v.postprocessing.threshold for v in variants] == [2.0, 1.0, 2.5, 1.5]
+    classifier = Checkpoint(build_model(MAEClassifierConfig()), PreprocessConfig(),
+                            {"postprocessing": {"threshold": 0.5},
+                             "threshold_by_mask_mode": {"iterative": {"threshold": 0.7}}})
+    variants = variants_of(classifier, Path("mae-classifier.pt"))
+    assert [(v.label, v.postprocessing.threshold) for v in variants] == [("mae-classifier", 0.5),
+                                                                         ("mae-classifier (iterative)", 0.7)]
+
+
 def test_slice_scores_come_from_the_model_when_it_has_them():
     mask = np.zeros((20, 20, 12), bool)
     mask[2:18, 2:18, 2:10] = True

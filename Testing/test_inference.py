@@ -45,6 +45,58 @@ def test_each_mask_size_gets_its_own_calibrated_threshold():
     assert checkpoint.calibrated_postprocessing(32).median_mm == 3.0  # the rest is shared
 
 
+def test_iterative_mask_mode_uses_its_own_threshold_and_sliding_keeps_the_old_keys():
+    from uad.checkpoint import Checkpoint
+    from uad.models import build_model
+    from uad.models.swin_mae import SwinMAEConfig
+    from uad.preprocessing import PreprocessConfig
+
+    calibration = {"threshold": 2.0, "postprocessing": {"threshold": 2.0, "median_mm": 3.0},
+                   "threshold_by_mask_size_mm": {"32": 1.5, "64": 2.0},
+                   "threshold_by_mask_mode": {"iterative": {"threshold": 2.4,
+                                                            "threshold_by_mask_size_mm": {"32": 1.7, "64": 2.4}}}}
+    checkpoint = Checkpoint(build_model(SwinMAEConfig()), PreprocessConfig(), calibration)
+    assert checkpoint.calibrated_postprocessing(32, "iterative").threshold == 1.7
+    assert checkpoint.calibrated_postprocessing(64, "iterative").threshold == 2.4
+    assert checkpoint.calibrated_postprocessing(32, "sliding").threshold == 1.5
+    assert checkpoint.calibrated_postprocessing(32, "iterative").median_mm == 3.0
+    del calibration["threshold_by_mask_mode"]  # a checkpoint calibrated before the mode existed
+    with pytest.raises(UserInputError, match="no threshold calibrated for --mask-mode iterative.*uad calibrate"):
+        checkpoint.calibrated_postprocessing(64, "iterative")
+
+
+def test_detect_with_iterative_mask_thresholds_at_the_iterative_value(tmp_path):
+    """End to end on a real scan: the report's threshold is the iterative one, and the map differs from sliding."""
+    import nibabel as nib
+    import torch
+
+    from uad.bundle import add_to_manifest
+    from uad.checkpoint import Checkpoint, save_checkpoint
+    from uad.models import build_model
+    from uad.models.swin_mae import SwinMAEConfig
+    from uad.preprocessing import PreprocessConfig
+
+    torch.manual_seed(0)
+    calibration = {"threshold": 2.0, "postprocessing": {"threshold": 2.0},
+                   "threshold_by_mask_size_mm": {"32": 1.5, "64": 2.0},
+                   "threshold_by_mask_mode": {"iterative": {"threshold": 3.25,
+                                                            "threshold_by_mask_size_mm": {"32": 2.5, "64": 3.25}}}}
+    checkpoint = Checkpoint(build_model(SwinMAEConfig()).eval(), PreprocessConfig(), calibration)
+    path = tmp_path / "swin-mae.pt"
+    save_checkpoint(checkpoint, path)
+    add_to_manifest(path, checkpoint)
+    maps = {}
+    for mode in ("sliding", "iterative"):
+        result = detect(IXI_T1, tmp_path / mode, DetectOptions(model=str(path), device="cpu", mask_mode=mode))
+        assert result.report["mask_mode"] == mode
+        maps[mode] = nib.load(str(tmp_path / mode / "anomaly_map.nii.gz")).get_fdata()
+    assert result.report["threshold"] == 3.25
+    assert not np.allclose(maps["sliding"], maps["iterative"])
+    given = detect(IXI_T1, tmp_path / "given", DetectOptions(model=str(path), device="cpu", mask_mode="iterative",
+                                                             threshold=9.0))
+    assert given.report["threshold"] == 9.0
+
+
 def test_a_model_that_scores_slices_reports_its_own_scores(tmp_path):
     """mae-classifier's probabilities, not the map's percentiles, become the report's slice scores."""
     import torch

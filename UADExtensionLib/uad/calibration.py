@@ -18,6 +18,7 @@ from uad.data import find_subjects, load_cached, prepare_cohort
 from uad.errors import UserInputError
 from uad.metrics import auprc
 from uad.models import AnomalyModel
+from uad.models.base import predict_with_mask_mode
 from uad.options import MASK_SIZES_MM
 from uad.postprocessing import PostprocessConfig, erode_brain_mask, median_filter
 from uad.preprocessing import PreprocessConfig
@@ -25,20 +26,21 @@ from uad.synthetic import add_synthetic_anomaly
 
 
 def filtered_map(model: AnomalyModel, image: np.ndarray, mask: np.ndarray, post: PostprocessConfig,
-                 spacing: tuple[float, float, float], mask_size_px: int | None = None) -> np.ndarray:
-    prediction = model.predict(image, mask, mask_size_px=mask_size_px)
+                 spacing: tuple[float, float, float], mask_size_px: int | None = None,
+                 mask_mode: str = "sliding") -> np.ndarray:
+    prediction = predict_with_mask_mode(model, image, mask, mask_size_px, mask_mode)
     return median_filter(prediction.anomaly_map, mask, spacing, post.median_mm)
 
 
 def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: PostprocessConfig,
               fpr: float = 0.01, spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
-              mask_size_px: int | None = None) -> dict:
+              mask_size_px: int | None = None, mask_mode: str = "sliding") -> dict:
     """Threshold at the (1 - fpr) quantile of healthy voxel values; returns the checkpoint's calibration."""
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
     values = []
     for image, mask in zip(images, masks):
-        smoothed = filtered_map(model, image, mask, post, spacing, mask_size_px)
+        smoothed = filtered_map(model, image, mask, post, spacing, mask_size_px, mask_mode)
         values.append(smoothed[erode_brain_mask(mask, spacing, post.brain_erosion_mm)])
     pooled = np.concatenate(values)
     threshold = float(np.quantile(pooled, 1.0 - fpr))
@@ -55,17 +57,29 @@ def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: 
 
 def calibrate_model(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: PostprocessConfig, fpr: float,
                     preprocessing: PreprocessConfig) -> dict:
-    """:func:`calibrate`, plus one threshold per mask size for masking models (stored in the checkpoint).
+    """:func:`calibrate`, plus one threshold per mask size for masking models (stored in the checkpoint), and the
+    same again per mask mode other than ``sliding``, under ``threshold_by_mask_mode``.
 
     A smaller mask leaves more context around each masked pixel, so a lower healthy error: one threshold for
-    both sizes would flag too little at one and too much at the other.
+    both sizes would flag too little at one and too much at the other. Iterative masking changes the healthy
+    error as well, so it gets its own thresholds.
     """
     spacing = (preprocessing.working_grid.spacing,) * 3
-    calibration = calibrate(model, images, masks, post, fpr, spacing)
-    if model.uses_mask_size:
-        calibration["threshold_by_mask_size_mm"] = {
-            str(mm): calibrate(model, images, masks, post, fpr, spacing, preprocessing.mask_size_px(mm))["threshold"]
-            for mm in MASK_SIZES_MM}
+
+    def thresholds(mask_mode: str) -> dict:
+        calibration = calibrate(model, images, masks, post, fpr, spacing, mask_mode=mask_mode)
+        if model.uses_mask_size:
+            calibration["threshold_by_mask_size_mm"] = {
+                str(mm): calibrate(model, images, masks, post, fpr, spacing, preprocessing.mask_size_px(mm),
+                                   mask_mode)["threshold"]
+                for mm in MASK_SIZES_MM}
+        return calibration
+
+    calibration = thresholds("sliding")
+    other_modes = [mode for mode in model.mask_modes if mode != "sliding"]
+    if other_modes:
+        calibration["threshold_by_mask_mode"] = {mode: {key: value for key, value in thresholds(mode).items()
+                                                        if key.startswith("threshold")} for mode in other_modes}
     return calibration
 
 
@@ -73,7 +87,8 @@ SYNTHETIC_VALIDATION_SEED_OFFSET = 1000  # validation anomalies are drawn apart 
 
 
 def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, seed: int = 0,
-                     anomalies_per_volume: int = 2, spacing_mm: float = 2.0) -> float:
+                     anomalies_per_volume: int = 2, spacing_mm: float = 2.0, mask_size_px: int | None = None,
+                     mask_mode: str = "sliding") -> float:
     """Pooled voxel AUPRC on synthetic anomalies in the validation volumes (fixed seed: comparable over steps)."""
     rng = np.random.default_rng(seed + SYNTHETIC_VALIDATION_SEED_OFFSET)
     post = PostprocessConfig(threshold=0.0)
@@ -81,7 +96,7 @@ def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray,
     for image, mask in zip(images, masks):
         for _ in range(anomalies_per_volume):
             modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=spacing_mm)
-            scores.append(filtered_map(model, modified, mask, post, (spacing_mm,) * 3))
+            scores.append(filtered_map(model, modified, mask, post, (spacing_mm,) * 3, mask_size_px, mask_mode))
             labels.append(truth)
             brains.append(mask)
     return auprc(np.stack(scores), np.stack(labels), mask=np.stack(brains))

@@ -41,10 +41,22 @@ class Checkpoint:
     def threshold(self) -> float | None:
         return self.calibration.get("threshold")
 
-    def calibrated_postprocessing(self, mask_size_mm: int | None = None) -> PostprocessConfig:
-        """The post-processing calibrated on healthy data; masking models have a threshold per mask size."""
+    def calibrated_postprocessing(self, mask_size_mm: int | None = None,
+                                  mask_mode: str = "sliding") -> PostprocessConfig:
+        """The post-processing calibrated on healthy data; masking models have a threshold per mask size, and per
+        mask mode other than the default ``sliding`` (under ``threshold_by_mask_mode``, in the same layout).
+
+        Raises :class:`UserInputError` when the checkpoint was never calibrated for ``mask_mode``.
+        """
         settings = dict(self.calibration.get("postprocessing") or {"threshold": 0.0})
-        by_mask_size = self.calibration.get("threshold_by_mask_size_mm", {})
+        calibrated = self.calibration
+        if mask_mode != "sliding":
+            calibrated = self.calibration.get("threshold_by_mask_mode", {}).get(mask_mode)
+            if calibrated is None:
+                raise UserInputError(f"{self.name} has no threshold calibrated for --mask-mode {mask_mode}; run "
+                                     f"'uad calibrate --model CHECKPOINT --data HEALTHY_DIR', or give --threshold")
+            settings["threshold"] = calibrated["threshold"]
+        by_mask_size = calibrated.get("threshold_by_mask_size_mm", {})
         if self.model.uses_mask_size and str(mask_size_mm) in by_mask_size:
             settings["threshold"] = by_mask_size[str(mask_size_mm)]
         return PostprocessConfig.from_dict(settings)

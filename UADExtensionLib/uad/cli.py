@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from uad.errors import UserInputError
-from uad.options import DEFAULT_MASK_SIZE_MM, DEVICE_CHOICES, MASK_SIZES_MM, PROGRESS_MODES, REFINE_METHODS
+from uad.options import DEFAULT_MASK_SIZE_MM, DEVICE_CHOICES, MASK_MODES, MASK_SIZES_MM, PROGRESS_MODES, REFINE_METHODS
 
 if TYPE_CHECKING:
     from uad.cohort import Case, Shard
@@ -65,7 +65,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from uad.progress import Progress
 
     options = DetectOptions(
-        model=args.model, mask_size=args.mask_size, device=args.device, threshold=args.threshold,
+        model=args.model, mask_size=args.mask_size, mask_mode=args.mask_mode, device=args.device,
+        threshold=args.threshold,
         skull_stripped=args.skull_stripped, brain_mask=args.brain_mask, refine=args.refine,
         median_mm=args.median_mm, brain_erosion_mm=args.brain_erosion_mm,
         min_component_mm3=args.min_component_mm3, top_k=args.top_k, dilation_mm=args.dilation_mm,
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="bundled model name (see 'uad models') or a checkpoint .pt path")
         sub.add_argument("--mask-size", type=int, choices=MASK_SIZES_MM,
                          help=f"mask side in mm, for masking models only (default {DEFAULT_MASK_SIZE_MM})")
+        sub.add_argument("--mask-mode", choices=MASK_MODES, default="sliding",
+                         help="masking models: Ano-swinMAE's sliding mask (4 passes), or iterative refinement "
+                              "(2 checkerboard passes, then 2 re-masking only the patches that still differ)")
         sub.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
         sub.add_argument("--brain-mask", help="brain mask NIfTI on the input's grid (skips the template mask)")
         sub.add_argument("--progress", choices=PROGRESS_MODES, default="bar",

@@ -56,6 +56,7 @@ from uad.metrics import (
     ssim_in_mask,
 )
 from uad.models import Prediction
+from uad.models.base import predict_with_mask_mode
 from uad.models.fusion import FusionConfig, FusionModel
 from uad.options import MASK_SIZES_MM
 from uad.postprocessing import erode_brain_mask, median_filter, segment_filtered
@@ -91,20 +92,24 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the tables: a checkpoint at one mask size (masking models appear once per size)."""
+    """One row of the tables: a checkpoint at one mask size and mask mode (masking models appear once per size and
+    per mode they are calibrated for)."""
 
     checkpoint: Checkpoint
     checkpoint_path: Path
     mask_size_mm: int | None
+    mask_mode: str = "sliding"
     predictions_dir: str | None = None  # where fusion members' predictions are kept (see _stored_predict)
 
     @property
     def label(self) -> str:
-        return f"{self.checkpoint.name} ({self.mask_size_mm} mm)" if self.mask_size_mm else self.checkpoint.name
+        settings = [f"{self.mask_size_mm} mm"] if self.mask_size_mm else []
+        settings += [self.mask_mode] if self.mask_mode != "sliding" else []
+        return f"{self.checkpoint.name} ({', '.join(settings)})" if settings else self.checkpoint.name
 
     @property
     def postprocessing(self):
-        return self.checkpoint.calibrated_postprocessing(self.mask_size_mm)
+        return self.checkpoint.calibrated_postprocessing(self.mask_size_mm, self.mask_mode)
 
     def predict(self, image: np.ndarray, mask: np.ndarray):
         px = self.checkpoint.preprocessing.mask_size_px(self.mask_size_mm) if self.mask_size_mm else None
@@ -113,7 +118,9 @@ class Variant:
             predictions = [_stored_predict(member, sha, image, mask, px, self.predictions_dir)
                            for member, sha in zip(model.load_members(), model.member_files)]
             return model.combine(predictions)
-        return _stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
+        if self.predictions_dir and model.config.name in _STORED_MODELS:
+            return _stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
+        return predict_with_mask_mode(model, image, mask, px, self.mask_mode)
 
     def filtered(self, prediction, mask: np.ndarray) -> np.ndarray:
         return median_filter(prediction.anomaly_map, mask, SPACING, self.postprocessing.median_mm)
@@ -127,7 +134,7 @@ _STORED_MODELS = set(FusionConfig().members)
 
 def _stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mask_size_px: int | None,
                     folder: str | None) -> Prediction:
-    if folder is None or model.config.name not in _STORED_MODELS:
+    if folder is None:
         return model.predict(image, mask, mask_size_px=mask_size_px)
     case = hashlib.sha1(image.tobytes() + mask.tobytes()).hexdigest()[:20]
     path = Path(folder) / f"{sha256[:16]}-{mask_size_px}-{case}.npz"
@@ -145,10 +152,12 @@ def _stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mas
 
 def variants_of(checkpoint: Checkpoint, path: Path, mask_sizes_mm=MASK_SIZES_MM,
                 predictions_dir: str | None = None) -> list[Variant]:
-    """The largest (default, 64 mm) mask first: it is the one the figure uses."""
-    if not checkpoint.model.uses_mask_size:
-        return [Variant(checkpoint, path, None, predictions_dir)]
-    return [Variant(checkpoint, path, mm, predictions_dir) for mm in sorted(mask_sizes_mm, reverse=True)]
+    """The largest (default, 64 mm) mask first: it is the one the figure uses. Then one more row per mask mode
+    other than ``sliding`` that the checkpoint has a calibrated threshold for."""
+    sizes = sorted(mask_sizes_mm, reverse=True) if checkpoint.model.uses_mask_size else [None]
+    calibrated_modes = checkpoint.calibration.get("threshold_by_mask_mode", {})
+    modes = ["sliding", *[mode for mode in checkpoint.model.mask_modes if mode in calibrated_modes]]
+    return [Variant(checkpoint, path, mm, mode, predictions_dir) for mode in modes for mm in sizes]
 
 
 def working_grid_slice_scores(variant: Variant, prediction, filtered: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -273,7 +282,8 @@ def evaluate_lesion_cases(variant: Variant, data_dir: Path, cases) -> dict[str, 
             continue
         brain_mask = str(folder / f"{brain_mask_name}.nii.gz") if brain_mask_name else None
         detector = Detector(DetectOptions(model=str(variant.checkpoint_path), device="cpu", skull_stripped=True,
-                                          brain_mask=brain_mask, mask_size=variant.mask_size_mm or 64))
+                                          brain_mask=brain_mask, mask_size=variant.mask_size_mm or 64,
+                                          mask_mode=variant.mask_mode))
         with tempfile.TemporaryDirectory(prefix="uad-eval-") as out:
             try:
                 report = detector.run(scan_path, out).report
@@ -396,7 +406,9 @@ def _without_slice_lists(results: dict) -> dict:
 def _result_cache_path(config: EvaluationConfig, variant: Variant) -> Path:
     """One variant's results are computed once per weights file, protocol version, seed and data folder."""
     key = zlib.crc32(f"{Path(config.data_dir).resolve()}|{config.copies_per_scan}".encode())
-    name = f"{variant.checkpoint.sha256[:16]}-{variant.mask_size_mm}-v{PROTOCOL_VERSION}-s{config.seed}-{key:08x}"
+    mode = "" if variant.mask_mode == "sliding" else f"-{variant.mask_mode}"  # sliding keeps its cached names
+    name = (f"{variant.checkpoint.sha256[:16]}-{variant.mask_size_mm}{mode}-v{PROTOCOL_VERSION}-s{config.seed}-"
+            f"{key:08x}")
     return Path(config.cache_dir) / "evaluation" / f"{name}.json"
 
 

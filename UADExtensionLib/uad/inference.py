@@ -32,7 +32,8 @@ from uad.figures import save_overview
 from uad.input_check import decide_skull_stripping
 from uad.input_check import measure as check_preprocessed
 from uad.io import Volume, check_output_folder, load_volume, save_volume, unwritable_error
-from uad.options import DEFAULT_MASK_SIZE_MM, MASK_SIZES_MM
+from uad.models.base import predict_with_mask_mode
+from uad.options import DEFAULT_MASK_SIZE_MM, MASK_MODES, MASK_SIZES_MM
 from uad.postprocessing import (
     FINDING_COLUMNS,
     Finding,
@@ -67,6 +68,7 @@ class DetectOptions:
 
     model: str | None = None  # a bundled model name, or a checkpoint path with manifest.json beside it
     mask_size: int | None = None  # mask side in mm, for masking models (None: DEFAULT_MASK_SIZE_MM)
+    mask_mode: str = "sliding"  # how masking models place their masks (MASK_MODES)
     device: str = "auto"
     threshold: float | None = None
     skull_stripped: bool | None = None  # None: detected from the image (uad.input_check)
@@ -82,6 +84,8 @@ class DetectOptions:
     def __post_init__(self):
         if self.mask_size is not None and self.mask_size not in MASK_SIZES_MM:
             raise UserInputError(f"mask size {self.mask_size} is not supported; use one of {MASK_SIZES_MM} (mm)")
+        if self.mask_mode not in MASK_MODES:
+            raise UserInputError(f"mask mode {self.mask_mode!r} is not supported; use one of {MASK_MODES}")
         if self.batch_size < 1:
             raise UserInputError("batch size must be at least 1")
 
@@ -118,13 +122,18 @@ class Detector:
     def checkpoint(self) -> Checkpoint:
         """Loaded (and verified) on first use, so a bad input is reported before the model is read."""
         checkpoint = load_checkpoint(self.checkpoint_path)
+        mode = self.options.mask_mode
+        if mode != "sliding" and mode not in checkpoint.model.mask_modes:
+            raise UserInputError(f"--mask-mode {mode} needs a model that masks its input (swin-mae, mae-classifier); "
+                                 f"{checkpoint.name} does not mask")
         checkpoint.model.to(self.device)
         return checkpoint
 
     @cached_property
     def postprocessing(self) -> PostprocessConfig:
         """The checkpoint's calibrated settings, overridden by what the user asked for."""
-        calibrated = self.checkpoint.calibrated_postprocessing(self.options.effective_mask_size).to_dict()
+        mode = self.options.mask_mode if self.options.threshold is None else "sliding"  # a given threshold wins
+        calibrated = self.checkpoint.calibrated_postprocessing(self.options.effective_mask_size, mode).to_dict()
         overrides = {key: getattr(self.options, key)
                      for key in ("threshold", "median_mm", "brain_erosion_mm", "min_component_mm3", "top_k",
                                  "dilation_mm")
@@ -169,9 +178,9 @@ class Detector:
             progress.update("inference", 0.0, f"running {checkpoint.name} on {self.device}")
             clock = time.perf_counter()
             mask_size_px = checkpoint.preprocessing.mask_size_px(self.options.effective_mask_size)
-            prediction = checkpoint.model.predict(prep.image, prep.brain_mask, mask_size_px=mask_size_px,
-                                                       batch_size=self.options.batch_size,
-                                                       progress=progress.stage_callback("inference"))
+            prediction = predict_with_mask_mode(checkpoint.model, prep.image, prep.brain_mask, mask_size_px,
+                                                self.options.mask_mode, batch_size=self.options.batch_size,
+                                                progress=progress.stage_callback("inference"))
             seconds["inference"] = round(time.perf_counter() - clock, 2)
 
             progress.update("postprocessing", 0.0, "mapping back and segmenting")
@@ -226,6 +235,7 @@ class Detector:
             "calibration": self._calibration_report(),
             "device": self.device,
             "mask_size": self.options.effective_mask_size if checkpoint.model.uses_mask_size else None,
+            "mask_mode": self.options.mask_mode if checkpoint.model.mask_modes else None,
             "input_check": input_check.to_dict(),
             "warnings": input_check.warnings + option_warnings,
             "seconds": seconds,

@@ -8,3 +8,4 @@ MASK_SIZES_MM = (32, 64)  # mask side at 1 mm, for masking models (Ano-swinMAE's
 DEFAULT_MASK_SIZE_MM = 64  # what a masking model gets when no --mask-size is given
 REFINE_METHODS = ("none", "atropos")
 PROGRESS_MODES = ("bar", "json", "none")
+MASK_MODES = ("sliding", "iterative")  # how masking models place their masks (Ano-swinMAE's; IterMask3D-style)

@@ -51,6 +51,7 @@ class AnomalyModel(nn.Module):
     config: ModelConfig
     trainable: ClassVar[bool] = True
     uses_mask_size: ClassVar[bool] = False
+    mask_modes: ClassVar[tuple[str, ...]] = ()  # masking models: the mask placements ``predict(mask_mode=)`` takes
     keeps_stage_one_map: ClassVar[bool] = False  # two-stage models whose anomaly map is their first stage's
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -69,3 +70,11 @@ class AnomalyModel(nn.Module):
     def predict(self, image: np.ndarray, brain_mask: np.ndarray, mask_size_px: int | None = None,
                 batch_size: int = 16, progress=None) -> Prediction:
         raise NotImplementedError
+
+
+def predict_with_mask_mode(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
+                           mask_size_px: int | None = None, mask_mode: str = "sliding", **kwargs) -> Prediction:
+    """``model.predict``, telling masking models how to place their masks (the others take no ``mask_mode``)."""
+    if mask_mode == "sliding" or not model.mask_modes:
+        return model.predict(image, brain_mask, mask_size_px=mask_size_px, **kwargs)
+    return model.predict(image, brain_mask, mask_size_px=mask_size_px, mask_mode=mask_mode, **kwargs)
