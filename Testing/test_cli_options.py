@@ -31,7 +31,7 @@ def test_detect_flags_parse_to_numbers_and_choices():
 
 def test_detect_defaults_leave_post_processing_to_the_model():
     args = parse("detect", "a.nii.gz", "--out", "o")
-    assert args.model is None and args.mask_size == 64 and args.device == "auto" and args.progress == "bar"
+    assert args.model is None and args.mask_size is None and args.device == "auto" and args.progress == "bar"
     assert args.refine == "none" and args.brain_mask is None and args.skull_stripped is False and args.shard is None
     assert [args.threshold, args.median_mm, args.brain_erosion_mm, args.min_component_mm3, args.top_k,
             args.dilation_mm] == [None] * 6
