@@ -97,7 +97,7 @@ def test_models_shows_the_training_provenance_the_readme_promises(capsys):
     code, out, _ = run_cli(capsys, "models", "--provenance")
     models = catalog.list_models()
     assert code == 0
-    for line_start in ("  trained on ", "  command: uad train", "  calibrated on "):
+    for line_start in ("  trained on ", "  command: uad ", "  calibrated on "):
         assert out.count(line_start) == len(models), line_start
     assert "(training provenance of each model" not in out  # the hint is only for the short listing
 

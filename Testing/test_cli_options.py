@@ -32,7 +32,7 @@ def test_detect_flags_parse_to_numbers_and_choices():
 def test_detect_defaults_leave_post_processing_to_the_model():
     args = parse("detect", "a.nii.gz", "--out", "o")
     assert args.model is None and args.mask_size is None and args.device == "auto" and args.progress == "bar"
-    assert args.refine == "none" and args.brain_mask is None and args.skull_stripped is False and args.shard is None
+    assert args.refine == "none" and args.brain_mask is None and args.skull_stripped is None and args.shard is None
     assert [args.threshold, args.median_mm, args.brain_erosion_mm, args.min_component_mm3, args.top_k,
             args.dilation_mm] == [None] * 6
     assert args.verbose is False and args.handler.__name__ == "_cmd_detect"

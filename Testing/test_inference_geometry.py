@@ -76,7 +76,7 @@ def test_models_are_found_by_name_path_or_default():
 
 
 def test_detect_options_refuse_what_cannot_run():
-    assert DetectOptions(mask_size=32).mask_size == 32 and DetectOptions().mask_size == 64
+    assert DetectOptions(mask_size=32).effective_mask_size == 32 and DetectOptions().effective_mask_size == 64
     with pytest.raises(UserInputError, match=r"^mask size 48 is not supported; use one of \(32, 64\) \(mm\)$"):
         DetectOptions(mask_size=48)
     assert DetectOptions(batch_size=1).batch_size == 1

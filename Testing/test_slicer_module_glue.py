@@ -463,7 +463,7 @@ def test_moving_the_threshold_updates_the_overlay_at_once_and_the_segmentation_s
     widget = bare_widget(module, inputVolume=volume)
     shown = []
     widget.logic = types.SimpleNamespace(detection=types.SimpleNamespace(
-        set_display_threshold=lambda node, value: shown.append((node, value))))
+        has_results=lambda node: node is volume, set_display_threshold=lambda node, value: shown.append((node, value))))
     widget.onThresholdChanged(2.5)
     assert widget._parameterNode.threshold == 2.5 and shown == [(volume, 2.5)]
     assert widget._postprocessTimer.starts == 1
@@ -473,7 +473,7 @@ def test_applying_postprocessing_sends_the_panels_settings_to_the_logic(module, 
     volume = object()
     widget = bare_widget(module, inputVolume=volume, threshold=0.8, topK=2, atroposRefinement=True)
     updates = []
-    summary = types.SimpleNamespace(voxels=12, volume_ml=0.096, seconds=0.05)
+    summary = types.SimpleNamespace(findings=3, voxels=12, volume_ml=0.096, threshold=0.8, seconds=0.05)
     widget.logic = types.SimpleNamespace(detection=types.SimpleNamespace(
         has_results=lambda node: node is volume,
         postprocessing_is_quick=lambda node, settings: True,
@@ -483,7 +483,8 @@ def test_applying_postprocessing_sends_the_panels_settings_to_the_logic(module, 
     widget._applyPostprocessing()
     [settings] = updates
     assert (settings.threshold, settings.top_k, settings.refine) == (0.8, 2, "atropos")
-    assert widget.ui.resultSummaryLabel.text == "12 voxels flagged (0.10 ml); updated in 50 ms."
+    assert widget.ui.resultSummaryLabel.text == ("3 findings, 12 voxels flagged (0.10 ml) at threshold 0.8. "
+                                                 "Updated in 50 ms.")
     widget._job = object()  # while a detection runs, nothing is recomputed
     widget._applyPostprocessing()
     assert len(updates) == 1
