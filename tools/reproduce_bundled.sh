@@ -3,7 +3,8 @@
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
 # 2-core CPU, no GPU (times when run one at a time): preprocessing cache ~20 min once, intensity ~1 min,
 # vqvae ~25 min, rae ~40 min, swin-mae ~45 min, vqvae-transformer ~20 min, mae-classifier ~15 min,
-# evaluate ~1.5 h for all models (results cached per model), bench ~10 min.
+# patch-retrieval ~10 min, fusion weights ~10 min and its calibration ~3 min (the dae: on a GPU, see below),
+# evaluate ~2 h for all models (results cached per model and protocol; swin-mae alone ~1 h), bench ~10 min.
 # Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
 set -euo pipefail
 DATA=../shared/data
