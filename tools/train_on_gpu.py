@@ -170,12 +170,10 @@ def collect(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = {p.parent.name: p for p in RUNS_DIR.glob("*/model.pt")}
     dae = {name: path for name, path in finished.items() if name.startswith("dae-")}
-    summary = {}
-    for name, path in finished.items():
-        import torch  # noqa: PLC0415  (only once there is something to read)
+    import torch  # here, not at the top: the driver itself runs before any torch process is needed
 
-        best = torch.load(path, map_location="cpu", weights_only=True)["training"]["best_validation"]
-        summary[name] = best
+    summary = {name: torch.load(path, map_location="cpu", weights_only=True)["training"]["best_validation"]
+               for name, path in finished.items()}
     if dae:
         chosen = max(dae, key=lambda n: summary[n].get("auprc_final_map", -1))
         summary["dae_chosen"] = chosen
