@@ -244,7 +244,7 @@ def save_model_comparison(path: str | os.PathLike, columns: list[dict]) -> None:
         rows.append(panels)
     titles = ["Input\n(R | L)"]  # radiological, as in the overview
     for column in columns:
-        name = str(column.get("label", ""))
+        name = str(column.get("label", "")).replace("-", "-\n")  # long names would run into the next column
         titles += [f"{name}\nrecon.", f"{name}\nmap"]
     bar = _ColourBar(2, (_MAP_VISIBLE_FROM, 2.0), 1.0, "threshold", "map / the model's own threshold")
     _compose(Path(path), rows, titles, ["Healthy", "Abnormal\n(green:\ntruth)"], bar,
