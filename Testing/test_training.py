@@ -87,7 +87,8 @@ def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path, cap
     again = load_checkpoint(path)  # the manifest was updated with the new SHA-256, so this verifies
     assert out == f"calibrated {path}: threshold {again.threshold:.4g} at 5.00% healthy voxel FPR\n"
     assert again.threshold < checkpoint.threshold and again.calibration["fpr"] == 0.05
-    assert not set(again.calibration["subjects"]) & set(checkpoint.training["subjects"]["train"])
+    split = checkpoint.training["subjects"]
+    assert set(again.calibration["subjects"]) == set(split["validation"])  # neither training nor test subjects
 
 
 def test_a_mistyped_model_option_is_refused(cohort, tmp_path):

@@ -14,10 +14,11 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # The denoising autoencoder was trained on a lent GPU (one NVIDIA H200), with the papers' models trained further
 # beside it: tools/train_on_gpu.py (its docstring says how the cohort travels there). The exact command of each
 # run, its timing probe and its validation curve are in Resources/gpu-training-runs.json; the bundled dae is run
-# dae-4-0.2 (the best validation AUPRC of the six noise settings tried). On a CUDA machine, the same command:
-#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae --cache "$CACHE" --seed 0 --steps 8030 \
-#       --batch-size 32 --lr 0.0005 --validate-every 803 --checkpoint-every 803 --threads 2 --device cuda \
-#       --option noise_grid_divisor=4 --option noise_std=0.2
+# dae-4-0.3 (with dae-4-0.2-long, the best validation AUPRC of the ten settings tried over three leases). On a
+# CUDA machine, the same command:
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae --cache "$CACHE" --seed 0 --steps 27500 \
+#       --batch-size 32 --lr 0.0005 --validate-every 2750 --checkpoint-every 2750 --threads 2 --device cuda \
+#       --option noise_grid_divisor=4 --option noise_std=0.3
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
@@ -26,6 +27,9 @@ uad train --model rae --data "$DATA/healthy/ixi_t1" --out runs/rae --cache "$CAC
     --steps 2500 --batch-size 32 --lr 5e-4 --validate-every 500
 uad train --model swin-mae --data "$DATA/healthy/ixi_t1" --out runs/swin-mae --cache "$CACHE" --seed 0 \
     --steps 2000 --batch-size 16 --lr 5e-4 --validate-every 500
+# Thresholds for both mask sizes and both mask modes (the bundled one was trained before they existed), on its
+# validation subjects: calibrate skips the training and test subjects the checkpoint lists.
+uad calibrate --model runs/swin-mae/model.pt --data "$DATA/healthy/ixi_t1" --cache "$CACHE"
 # Two-stage models start from the first stage's bundled weights (copied and frozen).
 uad train --model vqvae-transformer --init-from runs/vqvae/model.pt --data "$DATA/healthy/ixi_t1" \
     --out runs/vqvae-transformer --cache "$CACHE" --seed 0 --steps 2000 --batch-size 32 --lr 5e-4 --validate-every 500

@@ -46,8 +46,9 @@ def _gpu_runs(name: str, bundled_command: str) -> list[str]:
             continue
         bundled = " (the bundled weights)" if bundled_command == r["command"] else ""
         lines.append(f"  - `{run}`{bundled}, {r['lease']}, one NVIDIA H200: `{r['command']}`; best raw-map "
-                     f"validation AUPRC {r['auprc']} at step {r['step']}, final map {r.get('auprc_final_map')}; "
-                     f"curve (step: AUPRC) {_curve(r['curve'])}.")
+                     f"validation AUPRC {r['auprc']} at step {r['step']}, "
+                     + (f"stopped {r['stopped']}" if "stopped" in r else f"final map {r.get('auprc_final_map')}")
+                     + f"; curve (step: AUPRC) {_curve(r['curve'])}.")
     if lines:
         lines.insert(0, "- Trained on a GPU (validation AUPRC of the raw map every few hundred steps; the final map "
                         "after healthy statistics at the end):")

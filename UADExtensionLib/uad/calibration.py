@@ -104,12 +104,19 @@ def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray,
 
 def recalibrate_checkpoint(path: Path, data_dir: str, cache_dir: str, fpr: float = 0.01,
                            skull_stripped: bool = False) -> float:
-    """Re-set a checkpoint's threshold from healthy scans in ``data_dir`` (never its training subjects)."""
+    """Re-set a checkpoint's threshold from healthy scans in ``data_dir``.
+
+    Never from its training subjects (their error is too low), nor from the test subjects its evaluation holds
+    out (a threshold seen on them would flatter every figure measured there): on the cohort it was trained on,
+    that leaves its validation subjects; on a site's own scans, all of them.
+    """
     checkpoint = load_checkpoint(path)
-    used_for_training = set(checkpoint.training.get("subjects", {}).get("train", []))
-    subjects = [s for s in find_subjects(data_dir) if s.subject_id not in used_for_training]
+    split = checkpoint.training.get("subjects", {})
+    held_back = set(split.get("train", [])) | set(split.get("test", []))
+    subjects = [s for s in find_subjects(data_dir) if s.subject_id not in held_back]
     if not subjects:
-        raise UserInputError(f"every scan in {data_dir} was used to train this model; give other healthy scans")
+        raise UserInputError(f"every scan in {data_dir} was used to train or test this model; give other healthy "
+                             "scans")
     cached = prepare_cohort(subjects, checkpoint.preprocessing, cache_dir, skull_stripped=skull_stripped)
     pairs = [load_cached(p) for p in cached.values()]
     post = PostprocessConfig.from_dict(checkpoint.calibration.get("postprocessing") or {"threshold": 0.0})
