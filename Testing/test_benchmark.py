@@ -43,11 +43,16 @@ def test_rethreshold_timing_returns_seconds():
     assert 0 < timings[0]["segmented_voxels"] < timings[1]["segmented_voxels"] < timings[0]["brain_voxels"]
 
 
-def test_masking_models_get_a_row_per_mask_size(monkeypatch):
+def test_masking_models_get_a_row_per_mask_size_and_calibrated_mask_mode(monkeypatch):
     monkeypatch.setattr(benchmark, "uses_mask_size", lambda model: model == "swin-mae")
+    monkeypatch.setattr(benchmark, "calibrated_mask_modes", lambda model: ("iterative",) * (model == "swin-mae"))
     variants = benchmark.detect_variants(["vqvae", "swin-mae"], [], ["cpu"])
-    assert [v["label"] for v in variants] == ["vqvae", "swin-mae (64 mm)", "swin-mae (32 mm)"]
+    assert [v["label"] for v in variants] == ["vqvae", "swin-mae (64 mm)", "swin-mae (32 mm)",
+                                              "swin-mae (64 mm, iterative)", "swin-mae (32 mm, iterative)"]
     assert variants[2]["args"] == ["--mask-size", "32", "--device", "cpu"]
+    assert variants[4]["args"] == ["--mask-size", "32", "--mask-mode", "iterative", "--device", "cpu"]
+    monkeypatch.setattr(benchmark, "calibrated_mask_modes", lambda model: ())
+    assert len(benchmark.detect_variants(["vqvae", "swin-mae"], [], ["cpu"])) == 3
     fixed = benchmark.detect_variants(["swin-mae"], ["--mask-size", "32"], [None])
     assert [(v["label"], v["args"]) for v in fixed] == [("swin-mae", ["--mask-size", "32"])]
 
@@ -71,6 +76,7 @@ def _fake_detect_once(calls):
 
 def test_bench_writes_mask_rows_reference_targets_and_rethreshold(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "uses_mask_size", lambda model: model == "swin-mae")
+    monkeypatch.setattr(benchmark, "calibrated_mask_modes", lambda model: ())  # sliding rows only, here
     calls = []
     monkeypatch.setattr(benchmark, "detect_once", _fake_detect_once(calls))
 
