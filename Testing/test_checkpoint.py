@@ -111,3 +111,54 @@ def test_a_loaded_checkpoint_predicts_like_the_saved_one(saved):
     mask = np.ones(image.shape, bool)
     np.testing.assert_array_equal(again.model.predict(image, mask).anomaly_map,
                                   loaded.model.predict(image, mask).anomaly_map)
+
+
+def test_pickled_code_cannot_run_even_when_the_environment_asks_torch_for_unsafe_loads(tmp_path, monkeypatch):
+    """Some tools set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; it changes torch.load's default, never an explicit choice."""
+    import torch
+
+    from uad.checkpoint import file_sha256
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "x": Evil()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+        load_checkpoint(path, expected_sha256=file_sha256(path))
+
+
+def test_the_model_version_survives_a_save_and_defaults_to_1(saved):
+    from uad.checkpoint import checkpoint_from_dict
+
+    loaded = load_checkpoint(saved)
+    loaded.version = "2"
+    save_checkpoint(loaded, saved)
+    add_to_manifest(saved, loaded)
+    assert load_checkpoint(saved).version == "2"
+    data = loaded.to_dict()
+    del data["model"]["version"]  # a file written before versions were recorded
+    assert checkpoint_from_dict(data).version == "1"
+
+
+def test_a_checkpoint_without_calibration_or_training_loads_with_empty_ones(saved):
+    from uad.checkpoint import checkpoint_from_dict
+
+    data = load_checkpoint(saved).to_dict()
+    del data["calibration"], data["training"]
+    bare = checkpoint_from_dict(data)
+    assert bare.calibration == {} and bare.training == {} and bare.threshold is None and bare.sha256 == ""
+    assert bare.calibrated_postprocessing().threshold == 0.0
+
+
+def test_a_masking_model_without_per_size_thresholds_uses_its_one_threshold():
+    from uad.models.swin_mae import SwinMAEConfig
+
+    calibration = {"threshold": 2.0, "postprocessing": {"threshold": 2.0, "median_mm": 3.0},
+                   "threshold_by_mask_mode": {"iterative": {"threshold": 2.4}}}
+    checkpoint = Checkpoint(build_model(SwinMAEConfig()), PreprocessConfig(), calibration)
+    assert checkpoint.calibrated_postprocessing(32).threshold == 2.0
+    assert checkpoint.calibrated_postprocessing(32, "iterative").threshold == 2.4
+    assert checkpoint.calibrated_postprocessing(64, "iterative").median_mm == 3.0

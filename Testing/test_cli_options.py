@@ -99,6 +99,20 @@ def test_models_text_lists_every_bundled_model_once_with_its_threshold(capsys):
         assert f"{model.parameters:,} parameters" in out
     assert out.count("sha256 ") == len(models)
     assert "grid 80x96x80 @ 2.0 mm" in out
+    for model in models:
+        if model.name != default:
+            assert f"{model.name}\n  {model.description}\n" in out
+    assert out.endswith("(training provenance of each model: uad models --provenance)\n")
+
+
+def test_models_json_lists_every_model_and_marks_only_the_default(capsys):
+    import json
+
+    code, out, _ = run_cli(capsys, "models", "--json")
+    listed = json.loads(out)
+    assert code == 0 and [m["name"] for m in listed] == [m.name for m in catalog.list_models()]
+    assert [m["name"] for m in listed if m["default"] is True] == [catalog.default_model_name()]
+    assert out.startswith('[\n  {\n    "')  # indented by two, for reading as well as parsing
 
 
 @pytest.mark.parametrize("cores, processes, expected", [(8, None, 8), (8, "4", 2), (2, "4", 1), (None, None, 1),
@@ -109,7 +123,8 @@ def test_training_threads_share_the_cores_among_a_nodes_processes(monkeypatch, c
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
-    assert _default_train_threads() == expected
+    threads = _default_train_threads()
+    assert threads == expected and isinstance(threads, int)  # torch.set_num_threads takes an int
 
 
 def test_main_returns_the_handlers_exit_code(capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from uad import catalog
 from uad.errors import UserInputError
-from uad.inference import DetectOptions, _scores, resolve_checkpoint_path
+from uad.inference import DetectOptions, _scores, resolve_checkpoint_path, superior_axis
+from uad.options import MASK_MODES
 
 # (affine, voxel axis that runs inferior -> superior, whether it is stored superior first)
 LAYOUTS = [
@@ -82,3 +83,16 @@ def test_detect_options_refuse_what_cannot_run():
     assert DetectOptions(batch_size=1).batch_size == 1
     with pytest.raises(UserInputError, match="^batch size must be at least 1$"):
         DetectOptions(batch_size=0)
+    with pytest.raises(UserInputError) as error:
+        DetectOptions(mask_mode="random")
+    assert str(error.value) == f"mask mode 'random' is not supported; use one of {MASK_MODES}"
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_superior_axis_is_the_best_aligned_one_whatever_the_voxel_sizes(sign):
+    """Thick 5 mm slices tilted 30 degrees and 1 mm voxels along the other axis: the 1 mm axis is the closer to
+    inferior-superior (cos 30 against sin 30), though the 5 mm axis moves more millimetres superior per voxel."""
+    cos, sin = np.cos(np.radians(30)), np.sin(np.radians(30))
+    affine = np.eye(4)
+    affine[:3, :3] = np.column_stack([(1.0, 0, 0), (0, 5 * cos, 5 * sin), (0, -sign * sin, sign * cos)])
+    assert superior_axis(affine) == (2, sign < 0)

@@ -19,7 +19,7 @@ python=${PYTHON:-$( [ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/pyt
 declare -A TESTS=(
   [postprocessing]="Testing/test_postprocessing.py --deselect=Testing/test_postprocessing.py::test_segment_filtered_is_fast_on_a_sparse_256_cubed_map"
   [calibration]="Testing/test_calibration.py"
-  [checkpoint]="Testing/test_checkpoint.py Testing/test_inference.py::test_each_mask_size_gets_its_own_calibrated_threshold"
+  [checkpoint]="Testing/test_checkpoint.py Testing/test_inference.py::test_each_mask_size_gets_its_own_calibrated_threshold Testing/test_inference.py::test_iterative_mask_mode_uses_its_own_threshold_and_sliding_keeps_the_old_keys"
   [devices]="Testing/test_devices.py"
   [inference]="Testing/test_inference_geometry.py Testing/test_inference.py::test_superior_axis Testing/test_inference.py::test_unsupported_mask_size_is_a_user_error"
   [cli]="Testing/test_cli_options.py"
