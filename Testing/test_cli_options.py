@@ -4,6 +4,11 @@ defaults are the documented ones, usage mistakes are one line, and `uad models` 
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from uad import catalog
@@ -140,3 +145,35 @@ def test_ctrl_c_in_a_handler_is_one_line_and_exit_code_130(capsys, monkeypatch):
     code, out, err = run_cli(capsys, "models")
     assert code == 130 and out == ""
     assert err == "uad: interrupted; nothing was written to the output folder\n"
+
+
+HELP_REFERENCE = Path(__file__).with_name("data") / "cli_help_reference.json"
+
+
+def _help_of(parser: argparse.ArgumentParser) -> dict:
+    """What `uad ... --help` tells a user, as data (argparse's layout varies between Python versions, this does not)."""
+    entry = {"description": parser.description, "groups": {}}
+    for group in parser._action_groups:
+        options = [{"flags": action.option_strings or [action.dest], "help": action.help,
+                    "metavar": action.metavar, "choices": list(action.choices) if action.choices else None,
+                    "default": action.default if isinstance(action.default, (int, float, str, type(None))) else
+                    repr(action.default)}
+                   for action in group._group_actions if not isinstance(action, argparse._SubParsersAction)]
+        entry["groups"][group.title] = options
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if commands:
+        summaries = {choice.dest: choice.help for choice in commands[0]._choices_actions}
+        entry["commands"] = {name: {"summary": summaries.get(name), **_help_of(sub)}
+                             for name, sub in commands[0].choices.items()}
+    return entry
+
+
+def test_every_commands_help_is_the_reviewed_one(monkeypatch):
+    # The help of every command and flag is what users read before they run anything: a changed or lost text must
+    # be a reviewed change. After an intended change: UAD_UPDATE_HELP_REFERENCE=1 pytest this test, and review the
+    # diff of Testing/data/cli_help_reference.json.
+    monkeypatch.setenv("HOME", "/home/user")  # defaults under the home folder (the cache) print the same everywhere
+    current = json.loads(json.dumps(_help_of(build_parser()), default=str))
+    if os.environ.get("UAD_UPDATE_HELP_REFERENCE"):
+        HELP_REFERENCE.write_text(json.dumps(current, indent=1, ensure_ascii=False) + "\n")
+    assert current == json.loads(HELP_REFERENCE.read_text())
