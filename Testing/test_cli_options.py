@@ -152,9 +152,11 @@ HELP_REFERENCE = Path(__file__).with_name("data") / "cli_help_reference.json"
 
 def _help_of(parser: argparse.ArgumentParser) -> dict:
     """What `uad ... --help` tells a user, as data (argparse's layout varies between Python versions, this does not)."""
-    entry = {"description": parser.description, "groups": {}}
+    entry = {"prog": parser.prog, "description": parser.description, "groups": {}}
     for group in parser._action_groups:
-        options = [{"flags": action.option_strings or [action.dest], "help": action.help,
+        options = [{"flags": action.option_strings or [action.dest], "dest": action.dest, "help": action.help,
+                    "action": type(action).__name__, "required": action.required, "nargs": action.nargs,
+                    "type": getattr(action.type, "__name__", action.type),
                     "metavar": action.metavar, "choices": list(action.choices) if action.choices else None,
                     "default": action.default if isinstance(action.default, (int, float, str, type(None))) else
                     repr(action.default)}
@@ -168,10 +170,11 @@ def _help_of(parser: argparse.ArgumentParser) -> dict:
     return entry
 
 
-def test_every_commands_help_is_the_reviewed_one(monkeypatch):
-    # The help of every command and flag is what users read before they run anything: a changed or lost text must
-    # be a reviewed change. After an intended change: UAD_UPDATE_HELP_REFERENCE=1 pytest this test, and review the
-    # diff of Testing/data/cli_help_reference.json.
+def test_every_commands_help_and_flags_are_the_reviewed_ones(monkeypatch):
+    # The help of every command and flag is what users read before they run anything, and whether a flag is
+    # required, what type it parses to and where it lands is what they get: a change must be a reviewed one. After
+    # an intended change: UAD_UPDATE_HELP_REFERENCE=1 pytest this test, and review the diff of
+    # Testing/data/cli_help_reference.json.
     monkeypatch.setenv("HOME", "/home/user")  # defaults under the home folder (the cache) print the same everywhere
     current = json.loads(json.dumps(_help_of(build_parser()), default=str))
     if os.environ.get("UAD_UPDATE_HELP_REFERENCE"):
