@@ -577,12 +577,17 @@ def test_refinement_takes_a_class_enriched_by_exactly_the_minimum():
     np.testing.assert_array_equal(refine_rule(component, classes), expected)
 
 
-def test_refinement_keeps_parts_touching_the_component_at_a_corner():
-    shape = (24, 24, 24)
-    classes = np.ones(shape, np.int16)
-    component = np.zeros(shape, bool)
+def _cube_of_class_2() -> tuple[np.ndarray, np.ndarray]:
+    """A 3-voxel cube component, all of Atropos class 2, in a volume of class 1: (component, classes)."""
+    classes = np.ones((24, 24, 24), np.int16)
+    component = np.zeros(classes.shape, bool)
     component[10:13, 10:13, 10:13] = True
     classes[component] = 2
+    return component, classes
+
+
+def test_refinement_keeps_parts_touching_the_component_at_a_corner():
+    component, classes = _cube_of_class_2()
     classes[13, 13, 13] = 2  # touches the cube only at its corner
     expected = component.copy()
     expected[13, 13, 13] = True
@@ -590,11 +595,7 @@ def test_refinement_keeps_parts_touching_the_component_at_a_corner():
 
 
 def test_refinement_leaves_out_same_class_parts_that_do_not_touch_the_component():
-    shape = (24, 24, 24)
-    classes = np.ones(shape, np.int16)
-    component = np.zeros(shape, bool)
-    component[10:13, 10:13, 10:13] = True
-    classes[component] = 2
+    component, classes = _cube_of_class_2()
     classes[10:13, 10:13, 14] = 2  # within reach, but one voxel of class 1 away from the component
     np.testing.assert_array_equal(refine_rule(component, classes), component)
 
