@@ -282,7 +282,7 @@ def evaluate_lesion_cases(variant: Variant, data_dir: Path, cases) -> dict[str, 
             continue
         brain_mask = str(folder / f"{brain_mask_name}.nii.gz") if brain_mask_name else None
         detector = Detector(DetectOptions(model=str(variant.checkpoint_path), device="cpu", skull_stripped=True,
-                                          brain_mask=brain_mask, mask_size=variant.mask_size_mm or 64,
+                                          brain_mask=brain_mask, mask_size=variant.mask_size_mm,
                                           mask_mode=variant.mask_mode))
         with tempfile.TemporaryDirectory(prefix="uad-eval-") as out:
             try:

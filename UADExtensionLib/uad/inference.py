@@ -221,7 +221,7 @@ class Detector:
             _write_overview(staging / "overview.png", volume, outputs, filtered, self.postprocessing.threshold)
             write_findings_csv(staging / "findings.csv", findings)
         except OSError as exc:  # disk full, quota, a folder removed under us
-            raise _unwritable(staging.parent, exc) from exc
+            raise unwritable_error(staging.parent, exc) from exc
         seconds["writing"] = round(time.perf_counter() - clock, 2)
         seconds["total"] = round(time.perf_counter() - started, 2)
 
@@ -256,7 +256,7 @@ class Detector:
         try:
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
-            raise _unwritable(staging.parent, exc) from exc
+            raise unwritable_error(staging.parent, exc) from exc
         return report
 
     def _calibration_report(self) -> dict:
@@ -307,7 +307,7 @@ def _staging_dir(out_dir: Path) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
     except OSError as exc:
-        raise _unwritable(out_dir, exc) from exc
+        raise unwritable_error(out_dir, exc) from exc
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -316,7 +316,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
         for name in OUTPUT_FILES:
             (staging / name).replace(out_dir / name)
     except OSError as exc:
-        raise _unwritable(out_dir, exc) from exc
+        raise unwritable_error(out_dir, exc) from exc
 
 
 def peak_memory_mb() -> float | None:
@@ -327,10 +327,6 @@ def peak_memory_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
-
-
-def _unwritable(out_dir: Path, exc: OSError) -> UserInputError:
-    return unwritable_error(out_dir, exc)
 
 
 def _rounded(values: dict) -> dict:
