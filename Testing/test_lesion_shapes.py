@@ -58,3 +58,19 @@ def test_the_lesion_is_dark_soft_edged_inside_the_brain_and_the_input_is_untouch
     far = np.ones_like(brain)
     far[np.argwhere(truth).min(0)[0] - 5:np.argwhere(truth).max(0)[0] + 6] = False
     assert np.array_equal(modified[far], original[far])
+
+
+def test_a_size_window_draws_only_shapes_within_it(tmp_path):
+    """Small shapes (MS-lesion sized) for validation: a window of 0.15-1 ml never gives the 2 ml ball."""
+    ball_mask(tmp_path / "sub-1_lesion.nii.gz", (30.0, 20.0, 25.0))  # 2.1 ml
+    ball_mask(tmp_path / "sub-2_lesion.nii.gz", (-20.0, -10.0, 10.0), radius_mm=4.0)  # 0.27 ml
+    shapes = lesion_shape_files(tmp_path)
+    brain = np.zeros(WORKING_GRID.shape, bool)
+    brain[10:70, 10:86, 10:70] = True
+    image = brain.astype(np.float32)
+    rng = np.random.default_rng(0)
+    drawn = {add_stroke_lesion(image, brain, rng, shapes, min_volume_ml=0.15, max_volume_ml=1.0)[2]
+             for _ in range(6)}
+    assert drawn == {"sub-2_lesion.nii.gz"}
+    with pytest.raises(ValueError, match="no lesion shape of 3.0 to"):
+        add_stroke_lesion(image, brain, rng, shapes, min_volume_ml=3.0)

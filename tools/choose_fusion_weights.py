@@ -1,11 +1,14 @@
-"""Choose the fusion model's member weights on the VALIDATION subjects (never test subjects, never lesion cases).
+"""Choose the fusion model's member weights and smoothing on the VALIDATION subjects (never test subjects, never
+lesion cases).
 
     python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval
 
-Each member's z-scored map is computed once per case (two synthetic anomalies per validation subject, as the
-training loop's validation score draws them, and one stroke shape per subject), then every weight on a grid is
-scored by the mean of the two pooled AUPRCs of the median-filtered fused map. Prints a table and the chosen
-weights, to pass to ``uad train --model fusion --option 'weights=[...]'``.
+Each member's z-scored map is computed once per case: two synthetic anomalies per validation subject (as the
+training loop's validation score draws them), one stroke shape of at least 1 ml and two small ones (0.15 to 1 ml,
+the size of most MS lesions: without them, smoothing that merely favours 20-30 mm boxes would look free). Every
+(weight, smoothing) pair on a grid is scored by the mean of the three pooled AUPRCs of the median-filtered fused
+map. Prints a table and the choice, to pass to ``uad train --model fusion --option 'weights=[...]' --option
+'smoothing_sigma_voxels=...'``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.inference import resolve_checkpoint_path
 from uad.lesion_shapes import add_stroke_lesion, lesion_shape_files
 from uad.metrics import auprc
+from uad.models.fusion import FusionConfig, fuse_maps
 from uad.postprocessing import median_filter
 from uad.synthetic import add_synthetic_anomaly
 
@@ -47,6 +51,10 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
         stroke_rng = np.random.default_rng([seed, 7, zlib.crc32(subject_id.encode())])
         modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes)
         yield "stroke", modified, truth, mask
+        for _ in range(2):
+            modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes, min_volume_ml=0.15,
+                                                   max_volume_ml=1.0)
+            yield "small stroke", modified, truth, mask
 
 
 def main() -> None:
@@ -54,25 +62,32 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--members", nargs=2, default=["dae", "patch-retrieval"])
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"))
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0])
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                        help="Gaussian smoothing of the fused map, in working-grid voxels")
     args = parser.parse_args()
     members = [load_checkpoint(resolve_checkpoint_path(name)).model for name in args.members]
     cases = [(protocol, [m.predict(image, mask).anomaly_map for m in members], truth, mask)
              for protocol, image, truth, mask in validation_cases(args.data, args.cache)]
     scores = {}
-    for weight in args.grid:  # weight of the first member; the second gets 1 - weight
-        pooled = {}
-        for protocol, maps, truth, mask in cases:
-            fused = median_filter(weight * maps[0] + (1 - weight) * maps[1], mask, SPACING, 5.0)
-            pooled.setdefault(protocol, ([], []))
-            pooled[protocol][0].append(fused[mask])
-            pooled[protocol][1].append(truth[mask])
-        scores[weight] = {p: auprc(np.concatenate(s), np.concatenate(t)) for p, (s, t) in pooled.items()}
-        scores[weight]["mean"] = float(np.mean(list(scores[weight].values())))
-        print(f"weight {weight:.2f} on {args.members[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                                         scores[weight].items()), flush=True)
-    best = max(scores, key=lambda w: scores[w]["mean"])
-    print(json.dumps({"members": args.members, "weights": [best, round(1 - best, 4)], "validation": scores[best]}))
+    for sigma in args.sigmas:
+        for weight in args.grid:  # weight of the first member; the second gets 1 - weight
+            config = FusionConfig(members=tuple(args.members), weights=(weight, round(1 - weight, 4)),
+                                  smoothing_sigma_voxels=sigma)
+            pooled = {}
+            for protocol, maps, truth, mask in cases:
+                fused = median_filter(fuse_maps(maps, mask, config), mask, SPACING, 5.0)
+                pooled.setdefault(protocol, ([], []))
+                pooled[protocol][0].append(fused[mask])
+                pooled[protocol][1].append(truth[mask])
+            score = {p: auprc(np.concatenate(s), np.concatenate(t)) for p, (s, t) in pooled.items()}
+            score["mean"] = float(np.mean(list(score.values())))
+            scores[(weight, sigma)] = score
+            print(f"weight {weight:.2f} on {args.members[0]}, sigma {sigma:.2f}: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in score.items()), flush=True)
+    weight, sigma = max(scores, key=lambda key: scores[key]["mean"])
+    print(json.dumps({"members": args.members, "weights": [weight, round(1 - weight, 4)],
+                      "smoothing_sigma_voxels": sigma, "validation": scores[(weight, sigma)]}))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,13 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-FUSION_WEIGHTS=$(python tools/choose_fusion_weights.py --data "$DATA" | tee Resources/fusion-weights-validation.txt \
-    | tail -1 | python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['weights'])))")
+python tools/choose_fusion_weights.py --data "$DATA" | tee Resources/fusion-weights-validation.txt
+CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
+FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
+FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
-    --option 'members=["dae","patch-retrieval"]' --option "weights=[$FUSION_WEIGHTS]"
+    --option 'members=["dae","patch-retrieval"]' --option "weights=$FUSION_WEIGHTS" \
+    --option "smoothing_sigma_voxels=$FUSION_SIGMA"
 python tools/bundle_weights.py runs/fusion --default fusion
 MODELS="intensity dae patch-retrieval fusion rae vqvae vqvae-transformer swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)

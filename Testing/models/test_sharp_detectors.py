@@ -7,7 +7,7 @@ import torch
 from uad.errors import UserInputError
 from uad.models import build_model
 from uad.models.dae import DAEConfig, coarse_noise
-from uad.models.fusion import FusionConfig
+from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 
 from .synthetic_brain import healthy_like
@@ -82,6 +82,22 @@ def test_fusion_is_the_weighted_sum_of_its_members_maps():
     double = build_model(FusionConfig(members=("intensity", "intensity"), weights=(0.25, 0.5)))
     np.testing.assert_allclose(double.predict(lesion, mask).anomaly_map,
                                0.75 * single.predict(lesion, mask).anomaly_map, rtol=1e-5)
+
+
+def test_fusion_smoothing_removes_a_speck_keeps_a_lesion_and_stays_inside_the_brain():
+    brain = np.zeros((40, 40, 40), bool)
+    brain[5:35, 5:35, 5:35] = True
+    speck, lesion = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32)
+    speck[20, 20, 20] = 10.0
+    lesion[15:25, 15:25, 15:25] = 10.0
+    config = FusionConfig(members=("a", "b"), weights=(0.7, 0.3), smoothing_sigma_voxels=1.5)
+    assert fuse_maps([speck, speck], brain, config).max() < 1.0  # a one-voxel blob: noise, averaged away
+    assert fuse_maps([lesion, lesion], brain, config)[20, 20, 20] > 9.0  # a 2 cm lesion keeps its score
+    edge = np.zeros(brain.shape, np.float32)
+    edge[5:8, 5:35, 5:35] = 10.0
+    assert not fuse_maps([edge, edge], brain, config)[~brain].any()
+    unsmoothed = FusionConfig(members=("a", "b"), weights=(0.7, 0.3))
+    np.testing.assert_allclose(fuse_maps([lesion, speck], brain, unsmoothed), 0.7 * lesion + 0.3 * speck)
 
 
 def test_fusion_refuses_members_other_than_those_it_was_fitted_with():

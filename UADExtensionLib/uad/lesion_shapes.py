@@ -33,18 +33,22 @@ def shape_on_grid(path: Path, grid: Grid = WORKING_GRID) -> np.ndarray:
 
 
 def add_stroke_lesion(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.Generator, shapes: list[Path],
-                      min_volume_ml: float = 1.0, spacing_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray, str]:
-    """(image with one hypointense real lesion shape, its uint8 truth, the shape file's name)."""
+                      min_volume_ml: float = 1.0, spacing_mm: float = 2.0,
+                      max_volume_ml: float = np.inf) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image with one hypointense real lesion shape, its uint8 truth, the shape file's name).
+
+    The shape is drawn among those with ``min_volume_ml`` to ``max_volume_ml`` (excluded) inside the brain.
+    """
     brain = brain_mask > 0
     voxel_ml = spacing_mm**3 / 1000
     for _ in range(200):
         path = shapes[rng.integers(len(shapes))]
         fraction = shape_on_grid(path) * brain
         truth = fraction >= 0.5
-        if truth.sum() * voxel_ml >= min_volume_ml:
+        if min_volume_ml <= truth.sum() * voxel_ml < max_volume_ml:
             break
     else:
-        raise ValueError(f"no lesion shape of at least {min_volume_ml} ml found in 200 draws")
+        raise ValueError(f"no lesion shape of {min_volume_ml} to {max_volume_ml} ml found in 200 draws")
     fill = float(np.percentile(image[brain], 5))
     weight = np.clip(gaussian_filter(truth.astype(np.float32), sigma=1.0), 0, 1) * brain
     weight = np.maximum(weight, truth)  # the lesion itself is fully filled; only its rim is blended
