@@ -100,6 +100,28 @@ def test_fusion_smoothing_removes_a_speck_keeps_a_lesion_and_stays_inside_the_br
     np.testing.assert_allclose(fuse_maps([lesion, speck], brain, unsmoothed), 0.7 * lesion + 0.3 * speck)
 
 
+def test_fitted_fusion_flags_nothing_where_no_healthy_training_scan_had_brain(tmp_path):
+    """A scan whose brain reaches beyond the training brains (another site's stripping) is scored only where the
+    members' healthy statistics exist, and the support survives saving and loading the checkpoint."""
+    from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from uad.preprocessing import PreprocessConfig
+
+    image, mask = healthy_like(3)
+    lesion = image.copy()
+    lesion[mask] = 0.05  # everything anomalous, so a zero can only come from the support
+    training_masks = np.stack([mask, mask])
+    training_masks[:, :, :, :30] = False  # no training scan has brain in the lowest 30 slices
+    fusion = build_model(FusionConfig(members=("intensity",), weights=(1.0,)))
+    assert fusion.predict(lesion, mask).anomaly_map[:, :, :30][mask[:, :, :30]].min() > 0  # unfitted: no limit
+    fusion.fit(np.stack([image, image]), training_masks)
+    path = tmp_path / "fusion.pt"
+    sha256 = save_checkpoint(Checkpoint(model=fusion, preprocessing=PreprocessConfig()), path)
+    loaded = load_checkpoint(path, expected_sha256=sha256).model
+    fused = loaded.predict(lesion, mask).anomaly_map
+    assert not fused[:, :, :30].any()
+    assert fused[:, :, 30:][mask[:, :, 30:]].min() > 0
+
+
 def test_fusion_refuses_members_other_than_those_it_was_fitted_with():
     with pytest.raises(UserInputError, match="not the one this fusion was fitted with"):
         build_model(FusionConfig(members=("intensity",), weights=(1.0,), member_sha256=("0" * 64,))).load_members()

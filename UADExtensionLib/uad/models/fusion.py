@@ -35,6 +35,7 @@ class FusionConfig(ModelConfig):
     # Gaussian sigma (working-grid voxels) on the weighted sum: the DAE leaves noise-sized blobs on healthy brains
     # that averaging removes; chosen on validation with small lesion shapes in the score, which smoothing hurts.
     smoothing_sigma_voxels: float = 0.0
+    grid_shape: tuple[int, int, int] = (80, 96, 80)
     member_sha256: tuple[str, ...] = ()  # filled when fitted: the exact member files the weights were chosen for
 
 
@@ -57,6 +58,10 @@ class FusionModel(AnomalyModel):
         self.members: list = []
         self.member_files: list[str] = []  # their SHA-256, as loaded
         self._device = torch.device("cpu")
+        # Where some healthy training scan had brain; all True until fitted. Elsewhere the members' healthy
+        # statistics are empty and their z-scores noise: the lowest cerebellar slices that another site's
+        # skull-stripping keeps came out flagged whole on two of the fifteen MASS scans.
+        self.register_buffer("support", torch.ones(config.grid_shape, dtype=torch.bool))
 
     def load_members(self) -> list:
         """The member models, loaded (and SHA-256-verified) from the bundle on first use."""
@@ -83,9 +88,11 @@ class FusionModel(AnomalyModel):
         return super()._apply(fn, recurse)
 
     def fit(self, volumes: np.ndarray, masks: np.ndarray) -> None:
-        """Nothing to learn from healthy scans (the weights come from validation): pin the members' exact files."""
+        """The weights come from validation; from the healthy scans, only where they have brain. Pins the members'
+        exact files."""
         self.load_members()
         self.config = replace(self.config, member_sha256=tuple(self.member_files))
+        self.support.copy_(torch.from_numpy(np.any(masks > 0, axis=0)))
 
     @torch.inference_mode()
     def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
@@ -99,14 +106,15 @@ class FusionModel(AnomalyModel):
 
     def combine(self, predictions: list[Prediction], brain_mask: np.ndarray) -> Prediction:
         """The fused prediction from the members' own (in member order); the evaluation reuses members' maps."""
-        fused = fuse_maps([p.anomaly_map for p in predictions], brain_mask, self.config)
+        region = (brain_mask > 0) & self.support.cpu().numpy()
+        fused = fuse_maps([p.anomaly_map for p in predictions], region, self.config)
         first = predictions[0]
         return Prediction(reconstruction=first.reconstruction, residual=first.residual, anomaly_map=fused)
 
 
-def fuse_maps(maps: list[np.ndarray], brain_mask: np.ndarray, config: FusionConfig) -> np.ndarray:
-    """The weighted sum of the members' maps, smoothed, and zero outside the brain."""
+def fuse_maps(maps: list[np.ndarray], region: np.ndarray, config: FusionConfig) -> np.ndarray:
+    """The weighted sum of the members' maps, smoothed, and zero outside ``region`` (the brain)."""
     fused = sum(w * np.asarray(m, np.float32) for w, m in zip(config.weights, maps))
     if config.smoothing_sigma_voxels > 0:
-        fused = ndimage.gaussian_filter(fused, config.smoothing_sigma_voxels) * (brain_mask > 0)
-    return np.asarray(fused, np.float32)
+        fused = ndimage.gaussian_filter(fused, config.smoothing_sigma_voxels)
+    return np.asarray(fused * (region > 0), np.float32)
