@@ -179,6 +179,7 @@ def test_uad_evaluate_runs_the_protocols_on_a_tiny_data_folder(tmp_path, capsys)
     # best Dice is the oracle before erosion and components, so it may fall a little below the post-processed Dice
     assert 0 <= case["dice"] <= 1 and 0 <= case["best_dice"] <= 1 and case["flagged_ml"] > 0
     assert result["stroke"] == {} and result["other_contrasts"] == {}  # no stroke shapes, no other contrast here
+    assert result["site_calibration"] == result["small_stroke"] == {}  # they paint stroke shapes too
     table = out.read_text()
     low, high = synthetic["auroc_pooled_ci"]
     assert low - 1e-3 <= synthetic["auroc_pooled"] <= high + 1e-3  # intervals come from binned counts (~1e-4)
@@ -188,3 +189,58 @@ def test_uad_evaluate_runs_the_protocols_on_a_tiny_data_folder(tmp_path, capsys)
     assert f"| intensity | mslub/patient26 T1 | {case['lesion_ml']:.3f} | {case['flagged_ml']:.3f} |" in table
     assert f"intensity: SSIM {synthetic['ssim_ixi']:.3f}, AUROC {synthetic['auroc_pooled']:.3f}" in stdout
     assert io.imread(tmp_path / "fig.png").ndim == 3
+
+
+def test_a_sites_own_threshold_is_set_on_one_half_and_measured_on_the_other(tmp_path):
+    """Scans from a brighter site flag far too much at the bundled threshold; each half's own threshold, measured on
+    the other half, brings the false volume down, and the protocol's threshold is exactly the healthy quantile."""
+    from models.synthetic_brain import healthy_like
+    from test_lesion_shapes import ball_mask
+
+    from uad.calibration import healthy_threshold
+    from uad.evaluation import SPACING, Variant, evaluate_site_calibration
+    from uad.postprocessing import PostprocessConfig
+
+    training = [healthy_like(seed) for seed in range(4)]
+    model = build_model(IntensityConfig())
+    model.fit(np.stack([image for image, _ in training]), np.stack([mask for _, mask in training]))
+    calibration = {"fpr": 0.01, "postprocessing": PostprocessConfig(threshold=2.0, top_k=0).to_dict()}
+    variant = Variant(Checkpoint(model, PreprocessConfig(), calibration), Path("intensity.pt"), None)
+    site = {}
+    for seed in range(10, 14):
+        image, mask = healthy_like(seed)
+        site[f"site{seed}"] = (image * np.float32(1.15), mask)  # another scanner: brighter everywhere
+    shapes = [ball_mask(tmp_path / "sub-1_lesion.nii.gz", (20.0, 10.0, 15.0))]
+
+    result = evaluate_site_calibration(variant, site, shapes, seed=0)
+    assert result["n_site"] == 4 and result["threshold"] == 2.0
+    assert result["flagged_ml_site"] < 0.1 * result["flagged_ml_bundled"]
+    maps = {i: variant.filtered(variant.predict(*site[i]), site[i][1]) for i in ("site10", "site12")}  # first half
+    expected, _ = healthy_threshold(list(maps.values()), [site[i][1] for i in maps], variant.postprocessing, 0.01,
+                                    SPACING)
+    assert result["site_thresholds"][0] == pytest.approx(expected)
+    assert all(t > 2.0 for t in result["site_thresholds"])
+    assert 0 <= result["dice_site"] <= 1 and 0 <= result["dice_bundled"] <= 1
+    assert evaluate_site_calibration(variant, dict(list(site.items())[:1]), shapes, seed=0) == {}  # one scan: none
+
+
+def test_small_shapes_are_painted_two_per_scan_and_found_by_a_model_that_sees_dark_spots(tmp_path):
+    from models.synthetic_brain import healthy_like
+    from test_lesion_shapes import ball_mask
+
+    from uad.evaluation import SMALL_SHAPES, STROKE_SHAPES, Variant, evaluate_stroke_shapes
+
+    training = [healthy_like(seed) for seed in range(4)]
+    model = build_model(IntensityConfig())
+    model.fit(np.stack([image for image, _ in training]), np.stack([mask for _, mask in training]))
+    variant = Variant(Checkpoint(model, PreprocessConfig(), {"postprocessing": {"threshold": 3.0}}),
+                      Path("intensity.pt"), None)
+    scans = {f"s{seed}": healthy_like(seed) for seed in (10, 11, 12)}
+    small = [ball_mask(tmp_path / "sub-1_lesion.nii.gz", (20.0, 10.0, 15.0), radius_mm=4.5)]  # 0.38 ml
+    result = evaluate_stroke_shapes(variant, scans, small, seed=0, draw=SMALL_SHAPES)
+    assert result["cases"] == 6 and result["auroc"] > 0.9
+    for key in ("auroc", "auprc"):  # a few lesion voxels in 10^4: the intervals' bins must still rank them
+        low, high = result[f"{key}_ci"]
+        assert low - 1e-3 <= result[key] <= high + 1e-3 and low < high
+    with pytest.raises(ValueError, match="no lesion shape of 1.0 to inf ml"):
+        evaluate_stroke_shapes(variant, scans, small, seed=0, draw=STROKE_SHAPES)  # too small for protocol 2

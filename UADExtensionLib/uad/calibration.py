@@ -32,24 +32,30 @@ def filtered_map(model: AnomalyModel, image: np.ndarray, mask: np.ndarray, post:
     return median_filter(prediction.anomaly_map, mask, spacing, post.median_mm)
 
 
+def healthy_threshold(filtered_maps, masks, post: PostprocessConfig, fpr: float,
+                      spacing: tuple[float, float, float]) -> tuple[float, int]:
+    """(The value exceeded by ``fpr`` of the healthy voxels, how many voxels): of median-filtered healthy maps,
+    inside the brain masks eroded as segmentation erodes them."""
+    pooled = np.concatenate([filtered[erode_brain_mask(mask, spacing, post.brain_erosion_mm)]
+                             for filtered, mask in zip(filtered_maps, masks)])
+    return float(np.quantile(pooled, 1.0 - fpr)), int(pooled.size)
+
+
 def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: PostprocessConfig,
               fpr: float = 0.01, spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
               mask_size_px: int | None = None, mask_mode: str = "sliding") -> dict:
     """Threshold at the (1 - fpr) quantile of healthy voxel values; returns the checkpoint's calibration."""
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    values = []
-    for image, mask in zip(images, masks):
-        smoothed = filtered_map(model, image, mask, post, spacing, mask_size_px, mask_mode)
-        values.append(smoothed[erode_brain_mask(mask, spacing, post.brain_erosion_mm)])
-    pooled = np.concatenate(values)
-    threshold = float(np.quantile(pooled, 1.0 - fpr))
+    smoothed = [filtered_map(model, image, mask, post, spacing, mask_size_px, mask_mode)
+                for image, mask in zip(images, masks)]
+    threshold, n_voxels = healthy_threshold(smoothed, masks, post, fpr, spacing)
     return {
         "threshold": threshold,
         "fpr": fpr,
         "method": "quantile of median-filtered healthy map values inside the eroded brain mask",
         "n_volumes": len(images),
-        "n_voxels": int(pooled.size),
+        "n_voxels": n_voxels,
         "postprocessing": {**post.to_dict(), "threshold": threshold},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -27,7 +27,7 @@ import logging
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from uad import resources
 from uad.benchmarks_file import hardware_line, table, update_section
+from uad.calibration import healthy_threshold
 from uad.checkpoint import Checkpoint, load_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.errors import UserInputError
@@ -181,10 +182,18 @@ def placement_mask(grid=WORKING_GRID) -> np.ndarray:
     return erode_brain_mask(template, (grid.spacing,) * 3, 4.0)
 
 
-def _pooled_with_intervals(scores_per_subject: list[np.ndarray], labels_per_subject: list[np.ndarray]) -> dict:
-    """Exact pooled AUROC / AUPRC over every subject's voxels, with 95 % bootstrap intervals over subjects."""
+def _pooled_with_intervals(scores_per_subject: list[np.ndarray], labels_per_subject: list[np.ndarray],
+                           rare_lesions: bool = False) -> dict:
+    """Exact pooled AUROC / AUPRC over every subject's voxels, with 95 % bootstrap intervals over subjects.
+
+    The intervals come from histograms binned at quantiles of all scores; with ``rare_lesions`` also at quantiles
+    of the lesion voxels' scores: small lesions are a few voxels in ten thousand, all inside the top bins of the
+    first kind, where a bin's ties hide their ranking (an interval could then miss its own pooled figure).
+    """
     pooled_scores, pooled_labels = np.concatenate(scores_per_subject), np.concatenate(labels_per_subject)
     edges = histogram_edges(pooled_scores)
+    if rare_lesions:
+        edges = np.union1d(edges, histogram_edges(pooled_scores[pooled_labels != 0], 1024))
     histograms = np.stack([label_histograms(s, lab, edges) for s, lab in zip(scores_per_subject, labels_per_subject)])
     return {"auroc": auroc(pooled_scores, pooled_labels), "auprc": auprc(pooled_scores, pooled_labels),
             **pooled_intervals(histograms)}
@@ -243,21 +252,43 @@ def evaluate_synthetic(variant: Variant, ixi_test: dict, mass: dict, seed: int, 
     }
 
 
-def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path], seed: int) -> dict:
+@dataclass(frozen=True)
+class ShapeDraw:
+    """Which stroke shapes a protocol paints, how many per scan, from which random stream."""
+
+    volume_ml: tuple[float, float]
+    per_scan: int
+    stream: int
+    # Lesion voxels a few in ten thousand, above every coarse quantile of the scores: the oracle Dice then searches
+    # every score (not 200 quantiles) and the intervals' bins follow the lesion voxels' scores too.
+    rare: bool = False
+
+
+STROKE_SHAPES = ShapeDraw((1.0, np.inf), per_scan=1, stream=7)
+SMALL_SHAPES = ShapeDraw((0.15, 1.0), per_scan=2, stream=13, rare=True)  # the size of most MS lesions
+
+
+def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path], seed: int,
+                           draw: ShapeDraw = STROKE_SHAPES) -> dict:
     post = variant.postprocessing
     dices, scores, labels, slice_scores, slice_labels = [], [], [], [], []
     for subject_id, (image, mask) in tqdm(ixi_test.items(), desc=f"stroke shapes {variant.label}", file=sys.stderr):
-        rng = np.random.default_rng([seed, 7, zlib.crc32(subject_id.encode())])  # same lesions for every model
-        modified, truth, _ = add_stroke_lesion(image, mask, rng, shapes)
-        prediction = variant.predict(modified, mask)
-        filtered = variant.filtered(prediction, mask)
-        dices.append(dice(segment_filtered(filtered, mask, SPACING, post), truth))
-        scores.append(filtered[mask])
-        labels.append(truth[mask])
-        has_brain = mask.any(axis=(0, 1))
-        slice_scores.append(working_grid_slice_scores(variant, prediction, filtered, mask)[has_brain])
-        slice_labels.append(truth.any(axis=(0, 1))[has_brain])
-    pooled = _pooled_with_intervals(scores, labels)
+        rng = np.random.default_rng([seed, draw.stream, zlib.crc32(subject_id.encode())])  # same for every model
+        for _ in range(draw.per_scan):
+            modified, truth, _ = add_stroke_lesion(image, mask, rng, shapes, min_volume_ml=draw.volume_ml[0],
+                                                   max_volume_ml=draw.volume_ml[1])
+            prediction = variant.predict(modified, mask)
+            filtered = variant.filtered(prediction, mask)
+            dices.append(dice(segment_filtered(filtered, mask, SPACING, post), truth))
+            scores.append(filtered[mask])
+            labels.append(truth[mask])
+            has_brain = mask.any(axis=(0, 1))
+            slice_scores.append(working_grid_slice_scores(variant, prediction, filtered, mask)[has_brain])
+            slice_labels.append(truth.any(axis=(0, 1))[has_brain])
+    if draw.per_scan > 1:  # intervals over subjects: a subject's cases are resampled together
+        scores = [np.concatenate(scores[i:i + draw.per_scan]) for i in range(0, len(scores), draw.per_scan)]
+        labels = [np.concatenate(labels[i:i + draw.per_scan]) for i in range(0, len(labels), draw.per_scan)]
+    pooled = _pooled_with_intervals(scores, labels, rare_lesions=draw.rare)
     pooled_scores, pooled_labels = np.concatenate(scores), np.concatenate(labels)
     return {
         "auroc": pooled["auroc"],
@@ -266,7 +297,7 @@ def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path],
         "auprc_ci": pooled["auprc_ci"],
         "dice_mean": float(np.mean(dices)),
         "dice_mean_ci": mean_interval(dices),
-        "best_dice": best_dice(pooled_scores, pooled_labels, n_thresholds=200)[0],
+        "best_dice": best_dice(pooled_scores, pooled_labels, n_thresholds=None if draw.rare else 200)[0],
         "slice_auroc": slice_level_auroc(np.concatenate(slice_scores), np.concatenate(slice_labels)),
         "cases": len(dices),
     }
@@ -316,7 +347,48 @@ def evaluate_lesion_cases(variant: Variant, data_dir: Path, cases) -> dict[str, 
     return results
 
 
-PROTOCOLS = ("synthetic", "stroke", "lesions", "other_contrasts")
+PROTOCOLS = ("synthetic", "stroke", "small_stroke", "lesions", "other_contrasts", "site_calibration")
+
+
+def evaluate_site_calibration(variant: Variant, site: dict, shapes: list[Path], seed: int) -> dict:
+    """Another site's healthy scans set that site's own threshold, as ``uad calibrate`` does for a clinic.
+
+    The scans are split in two halves; each half's threshold (the bundled false-positive rate, on its clean maps)
+    is measured on the other half: the volume flagged on the clean scans (all false) and the Dice of one stroke
+    shape painted into each, next to the same figures at the bundled threshold (from IXI validation scans).
+    """
+    if len(site) < 2:
+        return {}
+    post = variant.postprocessing
+    fpr = variant.checkpoint.calibration.get("fpr", 0.01)
+    voxel_ml = float(np.prod(SPACING)) / 1000
+    clean, lesioned = {}, {}
+    for subject_id, (image, mask) in tqdm(sorted(site.items()), desc=f"site calibration {variant.label}",
+                                          file=sys.stderr):
+        clean[subject_id] = variant.filtered(variant.predict(image, mask), mask)
+        rng = np.random.default_rng([seed, 11, zlib.crc32(subject_id.encode())])  # same lesions for every model
+        modified, truth, _ = add_stroke_lesion(image, mask, rng, shapes)
+        lesioned[subject_id] = (variant.filtered(variant.predict(modified, mask), mask), truth)
+    ids = sorted(site)
+    halves = (ids[0::2], ids[1::2])
+    thresholds, figures = [], {"flagged_ml": ([], []), "dice": ([], [])}  # (bundled, site) per measured scan
+    for calibrate_on, measure_on in (halves, halves[::-1]):
+        threshold, _ = healthy_threshold([clean[i] for i in calibrate_on], [site[i][1] for i in calibrate_on],
+                                         post, fpr, SPACING)
+        thresholds.append(threshold)
+        for subject_id in measure_on:
+            mask = site[subject_id][1]
+            filtered, truth = lesioned[subject_id]
+            for column, config in enumerate((post, replace(post, threshold=threshold))):
+                flagged = segment_filtered(clean[subject_id], mask, SPACING, config)
+                figures["flagged_ml"][column].append(float(flagged.sum()) * voxel_ml)
+                figures["dice"][column].append(dice(segment_filtered(filtered, mask, SPACING, config), truth))
+    result = {"threshold": post.threshold, "site_thresholds": thresholds, "n_site": len(site)}
+    for key, (bundled, own) in figures.items():
+        for name, values in (("bundled", bundled), ("site", own)):
+            result[f"{key}_{name}"] = float(np.mean(values))
+            result[f"{key}_{name}_ci"] = mean_interval(values)
+    return result
 
 
 @dataclass(frozen=True)
@@ -331,15 +403,19 @@ class HeldOut:
 
 
 def run_protocol(protocol: str, variant: Variant, held_out: HeldOut, config: EvaluationConfig) -> dict:
-    if protocol == "synthetic" and variant.checkpoint.model.keeps_stage_one_map:
+    if protocol in ("synthetic", "site_calibration") and variant.checkpoint.model.keeps_stage_one_map:
         # Same map and (calibrated on the same data) the same threshold as stage 1: the same figures; not re-run.
         return {"same_as_stage_one": variant.checkpoint.training.get("initialised_from", {}).get("model", "?")}
     if protocol == "synthetic":
         return evaluate_synthetic(variant, held_out.ixi_test, held_out.mass, config.seed, config.copies_per_scan,
                                   held_out.centres_from)
-    if protocol == "stroke":
-        return evaluate_stroke_shapes(variant, held_out.ixi_test, held_out.shapes, config.seed) if held_out.shapes \
+    if protocol == "site_calibration":
+        return evaluate_site_calibration(variant, held_out.mass, held_out.shapes, config.seed) if held_out.shapes \
             else {}
+    if protocol in ("stroke", "small_stroke"):
+        draw = STROKE_SHAPES if protocol == "stroke" else SMALL_SHAPES
+        return evaluate_stroke_shapes(variant, held_out.ixi_test, held_out.shapes, config.seed, draw) \
+            if held_out.shapes else {}
     cases = T1_CASES if protocol == "lesions" else OTHER_CONTRAST_CASES
     return evaluate_lesion_cases(variant, held_out.data_dir, cases)
 
@@ -436,6 +512,8 @@ def _markdown(results: dict[str, dict], config: EvaluationConfig, figure_labels:
     return {
         "synthetic": _synthetic_markdown(results, provenance, config),
         "stroke-shapes": _stroke_markdown(results, provenance),
+        "small-lesion-shapes": _stroke_markdown(results, provenance, "small_stroke"),
+        "site-calibration": _site_markdown(results, provenance),
         "real-lesions": _lesion_markdown(results, provenance, "lesions", "Real lesions, T1 (EVALUATION.md protocol 3)"),
         "cross-contrast": _lesion_markdown(results, provenance, "other_contrasts",
                                            "Cross-contrast: the T1-trained models on T2 and FLAIR"),
@@ -523,26 +601,58 @@ def beats_outside_intervals(result: dict, baseline: dict, key: str) -> bool:
     return result[f"{key}_ci"][0] > baseline[f"{key}_ci"][1]
 
 
-def _stroke_markdown(results: dict[str, dict], provenance: list[str]) -> str:
-    stroke = {label: r["stroke"] for label, r in results.items() if r.get("stroke")}
+def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str = "stroke") -> str:
+    stroke = {label: r[key] for label, r in results.items() if r.get(key)}
+    small = key == "small_stroke"
+    title = "Small lesion shapes (protocol 2 with MS-sized lesions)" if small else \
+        "Realistic lesion shapes (EVALUATION.md protocol 2)"
     if not stroke:
-        return "## Realistic lesion shapes\n\nNo lesion shapes found in the data folder."
+        return f"## {title}\n\nNo lesion shapes found in the data folder."
     rows = [[label, with_interval(r, "auroc"), with_interval(r, "auprc"), with_interval(r, "dice_mean"),
              r["best_dice"], r["slice_auroc"]] for label, r in stroke.items()]
+    cases = next(iter(stroke.values()))["cases"]
+    drawn = (f"Two real stroke-lesion masks of 0.15–1 ml inside the brain (the size of most MS lesions: 19–125 "
+             f"voxels of the working grid) per held-out IXI test scan, one at a time ({cases} cases)" if small else
+             f"One real stroke-lesion mask (SOOP, MNI space, ≥ 1 ml inside the brain) per held-out IXI test scan "
+             f"({cases} cases")
     return "\n".join([
-        "## Realistic lesion shapes (EVALUATION.md protocol 2)",
+        f"## {title}",
         "",
         *provenance,
-        f"One real stroke-lesion mask (SOOP, MNI space, ≥ 1 ml inside the brain) per held-out IXI test scan "
-        f"({next(iter(stroke.values()))['cases']} cases, the same lesions for every model), painted with the "
+        f"{drawn}, the same lesions for every model), painted with the "
         "intensity of the scan's darkest 5 % of brain (CSF-like) over a softened 2 mm edge. Pooled voxel AUROC/AUPRC "
         "of the median-filtered map; Dice at the calibrated threshold (mean over cases); best Dice is the oracle "
-        "over 200 thresholds of the pooled map (an upper bound that peeks at the labels); slice AUROC (Georgescu) "
+        f"over {'every score' if small else '200 quantiles'} of the pooled map (an upper bound that peeks at the "
+        "labels); slice AUROC (Georgescu) "
         "over the working grid's axial slices with brain, pooled over cases, scored by the model's own slice score "
         "where it has one (mae-classifier), else by the 99th percentile of the map in the slice.",
         "",
         table(["model", "AUROC [95 % CI]", "AUPRC [95 % CI]", "Dice @ calibrated [95 % CI]", "best Dice (oracle)",
                "slice AUROC"], rows),
+    ])
+
+
+def _site_markdown(results: dict[str, dict], provenance: list[str]) -> str:
+    site = {label: r["site_calibration"] for label, r in results.items()
+            if r.get("site_calibration", {}).get("site_thresholds")}
+    if not site:
+        return "## Another site's own threshold\n\nNo other-site healthy scans (or lesion shapes) in the data folder."
+    figures = ("flagged_ml_bundled", "flagged_ml_site", "dice_bundled", "dice_site")
+    rows = [[label, f"{r['threshold']:.3f}", " / ".join(f"{t:.3f}" for t in r["site_thresholds"]),
+             *(with_interval(r, key) for key in figures)] for label, r in site.items()]
+    return "\n".join([
+        "## Another site's own threshold (`uad calibrate` on its healthy scans)",
+        "",
+        *provenance,
+        f"The {next(iter(site.values()))['n_site']} healthy MASS scans (another site, skull-stripped) in two halves "
+        "(alternating in sorted order); each half's threshold (the bundled healthy-voxel FPR, on its clean maps, "
+        "as `uad calibrate --data SITE_SCANS --skull-stripped` sets it) is measured on the other half, and so is "
+        "the bundled threshold (IXI validation scans): the volume flagged on the clean scans (every voxel false), "
+        "and the Dice of one stroke shape (≥ 1 ml, painted as in protocol 2) per scan. Mean over the 15 measured "
+        "scans; intervals: 95 % bootstrap over scans.",
+        "",
+        table(["model", "bundled threshold", "site thresholds (halves)", "flagged ml, bundled [95 % CI]",
+               "flagged ml, site [95 % CI]", "stroke Dice, bundled [95 % CI]", "stroke Dice, site [95 % CI]"], rows),
     ])
 
 
