@@ -244,3 +244,23 @@ def test_small_shapes_are_painted_two_per_scan_and_found_by_a_model_that_sees_da
         assert low - 1e-3 <= result[key] <= high + 1e-3 and low < high
     with pytest.raises(ValueError, match="no lesion shape of 1.0 to inf ml"):
         evaluate_stroke_shapes(variant, scans, small, seed=0, draw=STROKE_SHAPES)  # too small for protocol 2
+
+
+def test_many_small_shapes_share_one_scan_and_are_painted_once_for_every_model(tmp_path):
+    from models.synthetic_brain import healthy_like
+    from scipy import ndimage
+    from test_lesion_shapes import ball_mask
+
+    from uad.evaluation import MANY_SMALL_SHAPES, painted_cases
+
+    shapes = [ball_mask(tmp_path / "sub-1_lesion.nii.gz", (20.0, 10.0, 15.0), radius_mm=4.5),
+              ball_mask(tmp_path / "sub-2_lesion.nii.gz", (-20.0, -10.0, 10.0), radius_mm=4.5)]
+    image, mask = healthy_like(10)
+    cases = painted_cases("s10", image, mask, shapes, 0, MANY_SMALL_SHAPES)
+    assert len(cases) == 1
+    modified, truth = cases[0]
+    assert ndimage.label(truth)[1] == 2  # at least 8 draws of the two shapes: both lesions in the one case
+    assert np.all(modified[truth > 0] < np.percentile(image[mask > 0], 50))
+    # Every model gets the very same cases (painted once per run), but another scan under the same name is repainted.
+    assert painted_cases("s10", image, mask, shapes, 0, MANY_SMALL_SHAPES) is cases
+    assert painted_cases("s10", image * 0.9, mask, shapes, 0, MANY_SMALL_SHAPES) is not cases

@@ -3,8 +3,9 @@
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from uad.lesion_shapes import add_stroke_lesion, lesion_shape_files, shape_on_grid
+from uad.lesion_shapes import add_stroke_lesion, add_stroke_lesions, lesion_shape_files, shape_on_grid
 from uad.preprocessing import WORKING_GRID
 
 SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])  # as the SOOP masks
@@ -74,3 +75,20 @@ def test_a_size_window_draws_only_shapes_within_it(tmp_path):
     assert drawn == {"sub-2_lesion.nii.gz"}
     with pytest.raises(ValueError, match="no lesion shape of 3.0 to"):
         add_stroke_lesion(image, brain, rng, shapes, min_volume_ml=3.0)
+
+
+def test_many_lesions_in_one_scan_are_all_in_its_truth(tmp_path):
+    """MS-like validation cases: every painted shape is dark and in the truth; the input stays untouched."""
+    ball_mask(tmp_path / "sub-1_lesion.nii.gz", (30.0, 20.0, 25.0), radius_mm=5.0)
+    ball_mask(tmp_path / "sub-2_lesion.nii.gz", (-20.0, -10.0, 10.0), radius_mm=5.0)
+    shapes = lesion_shape_files(tmp_path)
+    brain = np.zeros(WORKING_GRID.shape, bool)
+    brain[10:70, 10:86, 10:70] = True
+    rng = np.random.default_rng(1)
+    image = np.where(brain, rng.uniform(0.5, 1.0, WORKING_GRID.shape), 0).astype(np.float32)
+    original = image.copy()
+    modified, truth = add_stroke_lesions(image, brain, rng, shapes, count=6, min_volume_ml=0.1, max_volume_ml=1.0)
+    assert np.array_equal(image, original)
+    labels, n_lesions = ndimage.label(truth)
+    assert n_lesions == 2  # six draws of two shapes: both land, each at its own position
+    assert np.all(modified[truth > 0] < 0.6)  # CSF-dark: the darkest 5 % of 0.5-1

@@ -91,6 +91,24 @@ def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path, cap
     assert set(again.calibration["subjects"]) == set(split["validation"])  # neither training nor test subjects
 
 
+def test_the_threshold_is_calibrated_with_the_median_filter_segmentation_will_use(cohort, cache, tmp_path, capsys):
+    # A model that smooths its own map (the fusion) is calibrated without the median filter: the threshold is a
+    # quantile of the filtered healthy map, so the stored filter and the threshold must come from the same map.
+    code, _, err = run_cli(capsys, "train", "--model", "intensity", "--data", str(cohort), "--out",
+                           str(tmp_path / "run"), "--cache", str(cache), "--threads", "1", "--median-mm", "0")
+    assert code == 0, err
+    unfiltered = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert unfiltered.calibrated_postprocessing().median_mm == 0
+    assert unfiltered.calibration["method"].startswith("quantile of healthy map values")  # what the model card says
+    filtered = load_checkpoint(train(TrainConfig(model="intensity", data_dir=str(cohort),
+                                                 out_dir=str(tmp_path / "filtered"), cache_dir=str(cache), threads=1)))
+    assert filtered.calibrated_postprocessing().median_mm == 5.0
+    assert unfiltered.threshold > filtered.threshold  # a median filter trims the healthy map's highest values
+    code, _, err = run_cli(capsys, "train", "--model", "intensity", "--data", str(cohort), "--out",
+                           str(tmp_path / "bad"), "--cache", str(cache), "--median-mm", "-1")
+    assert code == 2 and "median_mm must be 0 (off) or positive" in err and not (tmp_path / "bad").exists()
+
+
 def test_a_mistyped_model_option_is_refused(cohort, tmp_path):
     with pytest.raises(UserInputError, match="unknown option.*chanels"):
         train(TrainConfig(model="vqvae", data_dir=str(cohort), out_dir=str(tmp_path / "run"),

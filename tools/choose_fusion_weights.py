@@ -1,14 +1,17 @@
-"""Choose the fusion model's member weights and smoothing on the VALIDATION subjects (never test subjects, never
-lesion cases).
+"""Choose the fusion model's member weights, smoothing and median filter on the VALIDATION subjects (never test
+subjects, never lesion cases).
 
     python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval
 
-Each member's z-scored map is computed once per case: two synthetic anomalies per validation subject (as the
-training loop's validation score draws them), one stroke shape of at least 1 ml and two small ones (0.15 to 1 ml,
-the size of most MS lesions: without them, smoothing that merely favours 20-30 mm boxes would look free). Every
-(weight, smoothing) pair on a grid is scored by the mean of the three pooled AUPRCs of the median-filtered fused
-map. Prints a table and the choice, to pass to ``uad train --model fusion --option 'weights=[...]' --option
-'smoothing_sigma_voxels=...'``.
+Each member's z-scored map is computed once per case. Per validation subject: two synthetic anomalies (as the
+training loop's validation score draws them), one stroke shape of at least 1 ml, two small ones (0.15 to 1 ml, the
+size of most MS lesions: without them, smoothing that merely favours 20-30 mm boxes would look free), one scan with
+8 to 24 small shapes at once (as in multiple sclerosis: a segmentation that keeps only a few components is only
+caught there) and the clean scan itself. Every (weight, smoothing, median filter) on a grid gets a threshold from
+the clean scans as ``uad train`` calibrates one, and is scored by the mean, over the four kinds of case, of the
+pooled AUPRC and of the mean Dice at that threshold: what a reader of the map and what a user of the segmentation
+each get. Prints a table and the choice, to pass to ``uad train --model fusion --option 'weights=[...]' --option
+'smoothing_sigma_voxels=...' --median-mm ...``.
 """
 
 from __future__ import annotations
@@ -16,25 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from uad.calibration import SYNTHETIC_VALIDATION_SEED_OFFSET
+from uad.calibration import SYNTHETIC_VALIDATION_SEED_OFFSET, healthy_threshold
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.inference import resolve_checkpoint_path
-from uad.lesion_shapes import add_stroke_lesion, lesion_shape_files
-from uad.metrics import auprc
+from uad.lesion_shapes import add_stroke_lesion, add_stroke_lesions, lesion_shape_files
+from uad.metrics import auprc, dice
 from uad.models.fusion import FusionConfig, fuse_maps
-from uad.postprocessing import median_filter
+from uad.postprocessing import PostprocessConfig, median_filter, segment_filtered
 from uad.synthetic import add_synthetic_anomaly
 
 SPACING = (2.0, 2.0, 2.0)
+FPR = 0.01  # as uad train calibrates
 
 
 def validation_cases(data: Path, cache: str, seed: int = 0):
-    """(protocol, image, truth, brain) for every validation case, drawn reproducibly."""
+    """(kind, image, truth, brain) for every validation case, drawn reproducibly; kind "healthy" has no truth."""
     subjects = find_subjects(data / "healthy/ixi_t1")
     split = split_subjects([s.subject_id for s in subjects])
     checkpoint = load_checkpoint(resolve_checkpoint_path("intensity"))  # any bundled model: the same preprocessing
@@ -48,6 +53,7 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
             yield "synthetic", modified, truth, mask
     shapes = lesion_shape_files(data / "lesion_shapes/soop_stroke_mni")
     for subject_id, (image, mask) in zip(split.validation, volumes):
+        yield "healthy", image, None, mask
         stroke_rng = np.random.default_rng([seed, 7, zlib.crc32(subject_id.encode())])
         modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes)
         yield "stroke", modified, truth, mask
@@ -55,6 +61,32 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
             modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes, min_volume_ml=0.15,
                                                    max_volume_ml=1.0)
             yield "small stroke", modified, truth, mask
+        many_rng = np.random.default_rng([seed, 17, zlib.crc32(subject_id.encode())])
+        modified, truth = add_stroke_lesions(image, mask, many_rng, shapes, count=int(many_rng.integers(8, 25)),
+                                             min_volume_ml=0.1, max_volume_ml=1.5)
+        yield "many small", modified, truth, mask
+
+
+def score(cases, config: FusionConfig, post: PostprocessConfig) -> dict:
+    """Pooled AUPRC and mean Dice at the healthy-calibrated threshold per kind of case, and their overall mean."""
+    filtered = [(kind, median_filter(fuse_maps(maps, mask, config), mask, SPACING, post.median_mm), truth, mask)
+                for kind, maps, truth, mask in cases]
+    healthy = [(f, mask) for kind, f, _, mask in filtered if kind == "healthy"]
+    threshold, _ = healthy_threshold([f for f, _ in healthy], [m for _, m in healthy], post, FPR, SPACING)
+    post = replace(post, threshold=threshold)
+    pooled, dices = {}, {}
+    for kind, f, truth, mask in filtered:
+        if kind == "healthy":
+            continue
+        scores, labels = pooled.setdefault(kind, ([], []))
+        scores.append(f[mask])
+        labels.append(truth[mask])
+        dices.setdefault(kind, []).append(dice(segment_filtered(f, mask, SPACING, post), truth))
+    result = {f"auprc {kind}": auprc(np.concatenate(s), np.concatenate(t)) for kind, (s, t) in pooled.items()}
+    result |= {f"dice {kind}": float(np.mean(d)) for kind, d in dices.items()}
+    result["mean"] = float(np.mean(list(result.values())))
+    result["threshold"] = threshold
+    return result
 
 
 def main() -> None:
@@ -62,32 +94,29 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--members", nargs=2, default=["dae", "patch-retrieval"])
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"))
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
                         help="Gaussian smoothing of the fused map, in working-grid voxels")
+    parser.add_argument("--medians", type=float, nargs="+", default=[0.0, 5.0],
+                        help="median filter widths (mm) to try before thresholding")
     args = parser.parse_args()
     members = [load_checkpoint(resolve_checkpoint_path(name)).model for name in args.members]
-    cases = [(protocol, [m.predict(image, mask).anomaly_map for m in members], truth, mask)
-             for protocol, image, truth, mask in validation_cases(args.data, args.cache)]
+    cases = [(kind, [m.predict(image, mask).anomaly_map for m in members], truth, mask)
+             for kind, image, truth, mask in validation_cases(args.data, args.cache)]
     scores = {}
-    for sigma in args.sigmas:
-        for weight in args.grid:  # weight of the first member; the second gets 1 - weight
-            config = FusionConfig(members=tuple(args.members), weights=(weight, round(1 - weight, 4)),
-                                  smoothing_sigma_voxels=sigma)
-            pooled = {}
-            for protocol, maps, truth, mask in cases:
-                fused = median_filter(fuse_maps(maps, mask, config), mask, SPACING, 5.0)
-                pooled.setdefault(protocol, ([], []))
-                pooled[protocol][0].append(fused[mask])
-                pooled[protocol][1].append(truth[mask])
-            score = {p: auprc(np.concatenate(s), np.concatenate(t)) for p, (s, t) in pooled.items()}
-            score["mean"] = float(np.mean(list(score.values())))
-            scores[(weight, sigma)] = score
-            print(f"weight {weight:.2f} on {args.members[0]}, sigma {sigma:.2f}: " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in score.items()), flush=True)
-    weight, sigma = max(scores, key=lambda key: scores[key]["mean"])
+    for median in args.medians:
+        for sigma in args.sigmas:
+            for weight in args.grid:  # weight of the first member; the second gets 1 - weight
+                config = FusionConfig(members=tuple(args.members), weights=(weight, round(1 - weight, 4)),
+                                      smoothing_sigma_voxels=sigma)
+                scores[(weight, sigma, median)] = result = score(cases, config,
+                                                                 PostprocessConfig(threshold=0.0, median_mm=median))
+                print(f"weight {weight:.2f} on {args.members[0]}, sigma {sigma:.2f}, median {median:g} mm: " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+    weight, sigma, median = max(scores, key=lambda key: scores[key]["mean"])
     print(json.dumps({"members": args.members, "weights": [weight, round(1 - weight, 4)],
-                      "smoothing_sigma_voxels": sigma, "validation": scores[(weight, sigma)]}))
+                      "smoothing_sigma_voxels": sigma, "median_mm": median,
+                      "validation": scores[(weight, sigma, median)]}))
 
 
 if __name__ == "__main__":

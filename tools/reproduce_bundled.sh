@@ -3,7 +3,7 @@
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
 # 2-core CPU, no GPU (times when run one at a time): preprocessing cache ~20 min once, intensity ~1 min,
 # vqvae ~25 min, rae ~40 min, swin-mae ~45 min, vqvae-transformer ~20 min, mae-classifier ~15 min,
-# patch-retrieval ~10 min, fusion weights ~10 min and its calibration ~3 min (the dae: on a GPU, see below),
+# patch-retrieval ~10 min, fusion weights ~25 min and its calibration ~3 min (the dae: on a GPU, see below),
 # evaluate ~2 h for all models (results cached per model and protocol; swin-mae alone ~1 h), bench ~10 min.
 # Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
 set -euo pipefail
@@ -41,9 +41,10 @@ python tools/choose_fusion_weights.py --data "$DATA" | tee Resources/fusion-weig
 CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
 FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")
+FUSION_MEDIAN=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['median_mm'])")
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option "weights=$FUSION_WEIGHTS" \
-    --option "smoothing_sigma_voxels=$FUSION_SIGMA"
+    --option "smoothing_sigma_voxels=$FUSION_SIGMA" --median-mm "$FUSION_MEDIAN"
 python tools/bundle_weights.py runs/fusion --default fusion
 MODELS="intensity dae patch-retrieval fusion rae vqvae vqvae-transformer swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)

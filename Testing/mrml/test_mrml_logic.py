@@ -194,6 +194,17 @@ def test_other_postprocessing_controls_take_effect(logic, input_volume, out_dir)
     assert provenance.postprocessing["median_mm"] == 0.0
 
 
+def test_a_model_calibrated_without_a_median_filter_is_not_given_one(logic, input_volume, tmp_path, input_affine):
+    # The fusion smooths its own map and its threshold was measured on the unfiltered map: with the box ticked (the
+    # default), re-thresholding must keep the model's "no median filter", not fall back to 5 mm.
+    out = write_out_dir(tmp_path / "unfiltered", INPUT_SHAPE, input_affine, median_mm=0.0)
+    outputs = logic.load_outputs(input_volume, out, SETTINGS)
+    backend = labelmap_array(outputs).copy()
+    logic.update_postprocessing(input_volume, SETTINGS)
+    assert nodes.Provenance.from_attributes(outputs.labelmap).postprocessing["median_mm"] == 0.0
+    assert np.array_equal(labelmap_array(outputs), backend)
+
+
 def test_median_filter_runs_in_the_background_after_loading(logic, input_volume, out_dir):
     logic.load_outputs(input_volume, out_dir, SETTINGS)  # this out dir has no filtered map: it is computed
     deadline = time.monotonic() + 30

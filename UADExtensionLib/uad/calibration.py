@@ -1,7 +1,8 @@
 """Default thresholds from healthy data only, and the validation score that picks checkpoints.
 
 The operating threshold is the anomaly-map value exceeded by ``fpr`` (default 1 %) of healthy brain voxels,
-measured exactly where segmentation thresholds: on the median-filtered map inside the eroded brain mask.
+measured exactly where segmentation thresholds: on the median-filtered map (unless the model has no median filter)
+inside the eroded brain mask.
 Lesion cases are never used here.
 """
 
@@ -53,7 +54,8 @@ def calibrate(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, post: 
     return {
         "threshold": threshold,
         "fpr": fpr,
-        "method": "quantile of median-filtered healthy map values inside the eroded brain mask",
+        "method": f"quantile of {'median-filtered ' if post.median_mm else ''}healthy map values inside the eroded "
+                  "brain mask",
         "n_volumes": len(images),
         "n_voxels": n_voxels,
         "postprocessing": {**post.to_dict(), "threshold": threshold},

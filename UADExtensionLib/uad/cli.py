@@ -44,7 +44,8 @@ def _set_threads(registration_threads: int | None = None) -> None:
 def _postprocess_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("post-processing (defaults: the model's calibrated settings)")
     group.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated on healthy data)")
-    group.add_argument("--median-mm", type=float, help="3D median filter width in mm, 0 = off (default 5)")
+    group.add_argument("--median-mm", type=float,
+                       help="3D median filter width in mm, 0 = off (default: the model's, 5 for most)")
     group.add_argument("--brain-erosion-mm", type=float, help="erode the brain mask by this much (default 4)")
     group.add_argument("--min-component-mm3", type=float, help="drop smaller connected components (default 50)")
     group.add_argument("--top-k", type=int, help="keep the K most anomalous components, 0 = all (default 10)")
@@ -176,8 +177,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model, data_dir=args.data, out_dir=args.out, cache_dir=args.cache, seed=args.seed,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every, device=args.device, skull_stripped=args.skull_stripped,
-        model_options=options, fpr=args.fpr, threads=args.threads or _default_train_threads(),
-        init_from=args.init_from,
+        model_options=options, fpr=args.fpr, median_mm=args.median_mm,
+        threads=args.threads or _default_train_threads(), init_from=args.init_from,
     )
     path = train(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     train.add_argument("--skull-stripped", action="store_true", help="the training scans have no skull")
     train.add_argument("--fpr", type=float, default=0.01, help="healthy voxel false-positive rate for the threshold")
+    train.add_argument("--median-mm", type=float, default=5.0,
+                       help="median filter (mm, 0 = off) the threshold is calibrated on and segmentation then uses; "
+                            "off for a model that smooths its own map (default 5)")
     train.add_argument("--option", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
     train.add_argument("--init-from", default="", metavar="CHECKPOINT",
                        help="first-stage weights: a vqvae for vqvae-transformer, a swin-mae for mae-classifier")

@@ -3,10 +3,12 @@
 - Synthetic anomalies (Malé et al.): healthy SSIM on the held-out IXI test split and on MASS (another site);
   one box or ellipsoid (20-30 mm, uniform random fill) per copy, four copies per held-out IXI scan, the same
   anomalies for every model (seeded per subject, centres drawn from a fixed template mask, so registration
-  noise cannot move them); pixel AUROC / AUPRC of the median-filtered map over brain voxels (per-volume mean
-  and pooled); Dice at each model's calibrated threshold.
+  noise cannot move them); pixel AUROC / AUPRC of the map as segmented (median-filtered, except the fusion's,
+  which smooths its own map) over brain voxels (per-volume mean and pooled); Dice at each model's calibrated
+  threshold.
 - Realistic shapes: one real stroke-lesion mask per held-out IXI scan, painted hypointense (lesion_shapes.py);
-  pooled AUROC / AUPRC, Dice at the calibrated threshold, and Georgescu's slice-level AUROC.
+  pooled AUROC / AUPRC, Dice at the calibrated threshold, and Georgescu's slice-level AUROC. The same with two
+  MS-sized shapes (0.15-1 ml) per scan, and with 8 to 24 of them at once in each scan (MS-like).
 - Real lesions: the T1 cases through ``uad detect`` end to end, scored in their own grid; then the T2 / FLAIR
   of the same cases with the same T1-trained models (cross-contrast, as Ano-swinMAE's Table 2).
 - A Figure-2-style picture (Malé et al.): one healthy and one abnormal scan, every model's reconstruction
@@ -43,7 +45,7 @@ from uad.errors import UserInputError
 from uad.figures import save_model_comparison
 from uad.inference import DetectOptions, Detector, resolve_checkpoint_path, superior_axis
 from uad.io import load_volume
-from uad.lesion_shapes import add_stroke_lesion, lesion_shape_files
+from uad.lesion_shapes import add_stroke_lesion, add_stroke_lesions, lesion_shape_files
 from uad.metrics import (
     auprc,
     auroc,
@@ -262,10 +264,31 @@ class ShapeDraw:
     # Lesion voxels a few in ten thousand, above every coarse quantile of the scores: the oracle Dice then searches
     # every score (not 200 quantiles) and the intervals' bins follow the lesion voxels' scores too.
     rare: bool = False
+    lesions_per_case: tuple[int, int] = (1, 1)  # painted into the same scan: from, to (inclusive)
 
 
 STROKE_SHAPES = ShapeDraw((1.0, np.inf), per_scan=1, stream=7)
 SMALL_SHAPES = ShapeDraw((0.15, 1.0), per_scan=2, stream=13, rare=True)  # the size of most MS lesions
+# As in multiple sclerosis, many small lesions in one scan: a segmentation that keeps only its few most anomalous
+# components (top-K) is measured here, not by one lesion per case.
+MANY_SMALL_SHAPES = ShapeDraw((0.1, 1.5), per_scan=1, stream=17, rare=True, lesions_per_case=(8, 24))
+SHAPE_DRAWS = {"stroke": STROKE_SHAPES, "small_stroke": SMALL_SHAPES, "many_small": MANY_SMALL_SHAPES}
+_painted: dict = {}  # (subject, its image, seed, draw) -> its cases: painted once per run, the same for every model
+
+
+def painted_cases(subject_id: str, image: np.ndarray, mask: np.ndarray, shapes: list[Path], seed: int,
+                  draw: ShapeDraw) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, truth) of each of a test scan's lesion-shape cases; resampling the shapes is the slow part."""
+    key = (subject_id, zlib.crc32(image.tobytes()), seed, draw)
+    if key not in _painted:
+        rng = np.random.default_rng([seed, draw.stream, zlib.crc32(subject_id.encode())])
+        cases = []
+        for _ in range(draw.per_scan):
+            low, high = draw.lesions_per_case
+            count = int(rng.integers(low, high + 1)) if high > low else low
+            cases.append(add_stroke_lesions(image, mask, rng, shapes, count, *draw.volume_ml, spacing_mm=SPACING[0]))
+        _painted[key] = cases
+    return _painted[key]
 
 
 def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path], seed: int,
@@ -273,11 +296,8 @@ def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path],
     post = variant.postprocessing
     dices, scores, labels, slice_scores, slice_labels = [], [], [], [], []
     for subject_id, (image, mask) in tqdm(ixi_test.items(), desc=f"stroke shapes {variant.label}", file=sys.stderr):
-        rng = np.random.default_rng([seed, draw.stream, zlib.crc32(subject_id.encode())])  # same for every model
         has_brain = mask.any(axis=(0, 1))
-        for _ in range(draw.per_scan):
-            modified, truth, _ = add_stroke_lesion(image, mask, rng, shapes, min_volume_ml=draw.volume_ml[0],
-                                                   max_volume_ml=draw.volume_ml[1])
+        for modified, truth in painted_cases(subject_id, image, mask, shapes, seed, draw):
             prediction = variant.predict(modified, mask)
             filtered = variant.filtered(prediction, mask)
             dices.append(dice(segment_filtered(filtered, mask, SPACING, post), truth))
@@ -347,7 +367,8 @@ def evaluate_lesion_cases(variant: Variant, data_dir: Path, cases) -> dict[str, 
     return results
 
 
-PROTOCOLS = ("synthetic", "stroke", "small_stroke", "lesions", "other_contrasts", "site_calibration")
+PROTOCOLS = ("synthetic", "stroke", "small_stroke", "many_small", "lesions", "other_contrasts",
+             "site_calibration")
 
 
 def evaluate_site_calibration(variant: Variant, site: dict, shapes: list[Path], seed: int) -> dict:
@@ -412,10 +433,9 @@ def run_protocol(protocol: str, variant: Variant, held_out: HeldOut, config: Eva
     if protocol == "site_calibration":
         return evaluate_site_calibration(variant, held_out.mass, held_out.shapes, config.seed) if held_out.shapes \
             else {}
-    if protocol in ("stroke", "small_stroke"):
-        draw = STROKE_SHAPES if protocol == "stroke" else SMALL_SHAPES
-        return evaluate_stroke_shapes(variant, held_out.ixi_test, held_out.shapes, config.seed, draw) \
-            if held_out.shapes else {}
+    if protocol in SHAPE_DRAWS:
+        return evaluate_stroke_shapes(variant, held_out.ixi_test, held_out.shapes, config.seed,
+                                      SHAPE_DRAWS[protocol]) if held_out.shapes else {}
     cases = T1_CASES if protocol == "lesions" else OTHER_CONTRAST_CASES
     return evaluate_lesion_cases(variant, held_out.data_dir, cases)
 
@@ -513,6 +533,7 @@ def _markdown(results: dict[str, dict], config: EvaluationConfig, figure_labels:
         "synthetic": _synthetic_markdown(results, provenance, config),
         "stroke-shapes": _stroke_markdown(results, provenance),
         "small-lesion-shapes": _stroke_markdown(results, provenance, "small_stroke"),
+        "many-small-lesion-shapes": _stroke_markdown(results, provenance, "many_small"),
         "site-calibration": _site_markdown(results, provenance),
         "real-lesions": _lesion_markdown(results, provenance, "lesions", "Real lesions, T1 (EVALUATION.md protocol 3)"),
         "cross-contrast": _lesion_markdown(results, provenance, "other_contrasts",
@@ -523,7 +544,7 @@ def _markdown(results: dict[str, dict], config: EvaluationConfig, figure_labels:
             "",
             f"Written by {command}: the first held-out IXI test scan, clean (top rows) and with a synthetic "
             "anomaly (bottom row, its outline in green on the input), one axial slice through the anomaly. First "
-            "column: the input; then, per model, its reconstruction and its median-filtered anomaly map over the "
+            "column: the input; then, per model, its reconstruction and its filtered anomaly map over the "
             "input, shown from half to twice the model's calibrated threshold (so a colour means the same for every "
             f"model). Models, left to right: {', '.join(figure_labels)}.",
             "",
@@ -564,7 +585,8 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         f"training or calibration) and MASS ({first['n_mass']} skull-stripped healthy scans from another site). "
         f"{config.copies_per_scan} copies per IXI scan, each with one box or ellipsoid of 20–30 mm filled with a "
         f"uniform random intensity ({first['cases']} cases). Everything on the 2 mm working grid (MNI space), "
-        "brain voxels only; maps median-filtered (5 mm) as in the default post-processing. Masking models appear "
+        "brain voxels only; maps filtered as each model segments them (5 mm median; the fusion, which smooths its own "
+        "map, none). Masking models appear "
         "once per mask size, each with its own calibrated threshold.",
         "SSIM: inside the brain mask, intensities normalised to the brain's 99th percentile (data range 1); for "
         "masking models the reconstruction is the composite of the masked passes. AUROC/AUPRC: per-volume mean and "
@@ -603,26 +625,32 @@ def beats_outside_intervals(result: dict, baseline: dict, key: str) -> bool:
 
 def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str = "stroke") -> str:
     stroke = {label: r[key] for label, r in results.items() if r.get(key)}
-    small = key == "small_stroke"
-    title = "Small lesion shapes (protocol 2 with MS-sized lesions)" if small else \
-        "Realistic lesion shapes (EVALUATION.md protocol 2)"
+    title = {"stroke": "Realistic lesion shapes (EVALUATION.md protocol 2)",
+             "small_stroke": "Small lesion shapes (protocol 2 with MS-sized lesions)",
+             "many_small": "Many small lesion shapes in one scan (protocol 2, MS-like)"}[key]
     if not stroke:
         return f"## {title}\n\nNo lesion shapes found in the data folder."
     rows = [[label, with_interval(r, "auroc"), with_interval(r, "auprc"), with_interval(r, "dice_mean"),
              r["best_dice"], r["slice_auroc"]] for label, r in stroke.items()]
     cases = next(iter(stroke.values()))["cases"]
-    drawn = (f"Two real stroke-lesion masks of 0.15–1 ml inside the brain (the size of most MS lesions: 19–125 "
-             f"voxels of the working grid) per held-out IXI test scan, one at a time ({cases} cases)" if small else
-             f"One real stroke-lesion mask (SOOP, MNI space, ≥ 1 ml inside the brain) per held-out IXI test scan "
-             f"({cases} cases")
+    drawn = {
+        "stroke": f"One real stroke-lesion mask (SOOP, MNI space, ≥ 1 ml inside the brain) per held-out IXI test "
+                  f"scan ({cases} cases",
+        "small_stroke": f"Two real stroke-lesion masks of 0.15–1 ml inside the brain (the size of most MS lesions: "
+                        f"19–125 voxels of the working grid) per held-out IXI test scan, one at a time ({cases} cases",
+        "many_small": f"8 to 24 real stroke-lesion masks of 0.1–1.5 ml at once in each held-out IXI test scan (about "
+                      f"as many and as large as the lesions of an MS scan; {cases} cases",
+    }[key]
+    rare = SHAPE_DRAWS[key].rare
     return "\n".join([
         f"## {title}",
         "",
         *provenance,
         f"{drawn}, the same lesions for every model), painted with the "
         "intensity of the scan's darkest 5 % of brain (CSF-like) over a softened 2 mm edge. Pooled voxel AUROC/AUPRC "
-        "of the median-filtered map; Dice at the calibrated threshold (mean over cases); best Dice is the oracle "
-        f"over {'every score' if small else '200 quantiles'} of the pooled map (an upper bound that peeks at the "
+        "of the map as the model segments it (median-filtered, except the fusion's, which smooths its own map); "
+        "Dice at the calibrated threshold (mean over cases); best Dice is the oracle "
+        f"over {'every score' if rare else '200 quantiles'} of the pooled map (an upper bound that peeks at the "
         "labels); slice AUROC (Georgescu) "
         "over the working grid's axial slices with brain, pooled over cases, scored by the model's own slice score "
         "where it has one (mae-classifier), else by the 99th percentile of the map in the slice.",
@@ -680,7 +708,7 @@ def _lesion_markdown(results: dict[str, dict], provenance: list[str], key: str, 
         "Each case goes through `uad detect` end to end (`--skull-stripped`: all are distributed stripped; BraTS "
         "2015 with its own brain mask, since its background is not 0) and is scored in its own 1 mm grid over the "
         "brain mask detect used. Dice at the calibrated threshold with default post-processing; best Dice is the "
-        "oracle over 200 thresholds of the median-filtered map, before the erosion and component steps (so it can "
+        "oracle over 200 thresholds of the (median-)filtered map, before the erosion and component steps (so it can "
         "fall below the post-processed Dice; not achievable without lesion data); AUPRC/AUROC over brain voxels of "
         "the anomaly map; slice AUROC (Georgescu) over axial slices with brain, a slice being abnormal when it "
         "holds any lesion voxel, scored by the report's slice score. A handful of cases: a check on real "

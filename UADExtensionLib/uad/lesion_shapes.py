@@ -54,3 +54,18 @@ def add_stroke_lesion(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.
     weight = np.maximum(weight, truth)  # the lesion itself is fully filled; only its rim is blended
     modified = (image * (1 - weight) + fill * weight).astype(np.float32)
     return modified, truth.astype(np.uint8), path.name
+
+
+def add_stroke_lesions(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.Generator, shapes: list[Path],
+                       count: int, min_volume_ml: float, max_volume_ml: float,
+                       spacing_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """(image with ``count`` lesion shapes painted one after another, the uint8 union of their truths).
+
+    Many small lesions in one scan, as in multiple sclerosis: a segmentation that keeps only its few most anomalous
+    components, or smooths small ones away, is only caught by cases like these.
+    """
+    truth = np.zeros(image.shape, np.uint8)
+    for _ in range(count):
+        image, one, _ = add_stroke_lesion(image, brain_mask, rng, shapes, min_volume_ml, spacing_mm, max_volume_ml)
+        truth |= one
+    return image, truth

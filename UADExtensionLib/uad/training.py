@@ -63,6 +63,7 @@ class TrainConfig:
     skull_stripped: bool = False
     model_options: dict = field(default_factory=dict)
     fpr: float = 0.01  # calibrated default threshold: this fraction of healthy brain voxels flagged
+    median_mm: float = 5.0  # the median filter stored with that threshold (it is measured on the filtered map)
     init_from: str = ""  # a checkpoint whose matching weights start this model (two-stage models)
 
 
@@ -229,6 +230,7 @@ def _start_process_group(ddp: Distributed, device: torch.device) -> Distributed:
 
 
 def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) -> Path:
+    post = PostprocessConfig(threshold=0.0, median_mm=config.median_mm)  # a bad value fails now, not after training
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # the same initial weights in every process (DDP also copies process 0's)
     rng = np.random.default_rng(config.seed + ddp.rank)  # but each process draws its own batches
@@ -266,7 +268,6 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
     if model.trainable:  # the score configurations are compared by: the final map, on validation subjects
         best["auprc_final_map"] = round(validation_auprc(model, cohort.validation_images, cohort.validation_masks,
                                                          seed=config.seed), 4)
-    post = PostprocessConfig(threshold=0.0)
     calibration = calibrate_model(model, cohort.validation_images, cohort.validation_masks, post, config.fpr,
                                   preprocessing)
     provenance = _provenance(config, cohort, steps, loop_seconds + time.time() - finishing, best, ddp)

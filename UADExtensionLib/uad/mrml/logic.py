@@ -105,7 +105,8 @@ def postprocess_config(settings: PostprocessSettings, base: Mapping):
         min_component_mm3=float(settings.min_component_mm3),
         top_k=int(settings.top_k),
         refine=settings.refine,
-        median_mm=(values.get("median_mm") or default_median) if settings.median_filter else 0.0,
+        # Ticked: the model's own width, as calibrated (none for a model that smooths its own map, the fusion).
+        median_mm=values.get("median_mm", default_median) if settings.median_filter else 0.0,
     )
     return PostprocessConfig.from_dict(values)
 
