@@ -61,6 +61,21 @@ def test_the_lesion_is_dark_soft_edged_inside_the_brain_and_the_input_is_untouch
     assert np.array_equal(modified[far], original[far])
 
 
+def test_a_faint_lesion_goes_only_part_of_the_way_to_csf(tmp_path):
+    """Validation lesions at partial contrast (real MS lesions on T1 are rarely CSF-dark): halfway is halfway."""
+    shapes = [ball_mask(tmp_path / "sub-1_lesion.nii.gz", (30.0, 20.0, 25.0))]
+    rng = np.random.default_rng(0)
+    brain = np.zeros(WORKING_GRID.shape, bool)
+    brain[10:70, 10:86, 10:70] = True
+    image = np.where(brain, rng.uniform(0.5, 1.0, WORKING_GRID.shape), 0).astype(np.float32)
+    fill = np.percentile(image[brain], 5)
+    modified, truth, _ = add_stroke_lesion(image, brain, np.random.default_rng(1), shapes, contrast=0.5)
+    inside = truth > 0
+    np.testing.assert_allclose(modified[inside], (image[inside] + fill) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="contrast must be in"):
+        add_stroke_lesion(image, brain, np.random.default_rng(1), shapes, contrast=0.0)
+
+
 def test_a_size_window_draws_only_shapes_within_it(tmp_path):
     """Small shapes (MS-lesion sized) for validation: a window of 0.15-1 ml never gives the 2 ml ball."""
     ball_mask(tmp_path / "sub-1_lesion.nii.gz", (30.0, 20.0, 25.0))  # 2.1 ml

@@ -42,9 +42,11 @@ CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
 FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")
 FUSION_MEDIAN=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['median_mm'])")
+FUSION_FPR=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['fpr'])")
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option "weights=$FUSION_WEIGHTS" \
-    --option "smoothing_sigma_voxels=$FUSION_SIGMA" --median-mm "$FUSION_MEDIAN"
+    --option "smoothing_sigma_voxels=$FUSION_SIGMA" --median-mm "$FUSION_MEDIAN" \
+    --fpr "$FUSION_FPR"
 python tools/bundle_weights.py runs/fusion --default fusion
 MODELS="intensity dae patch-retrieval fusion rae vqvae vqvae-transformer swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)

@@ -34,11 +34,15 @@ def shape_on_grid(path: Path, grid: Grid = WORKING_GRID) -> np.ndarray:
 
 def add_stroke_lesion(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.Generator, shapes: list[Path],
                       min_volume_ml: float = 1.0, spacing_mm: float = 2.0,
-                      max_volume_ml: float = np.inf) -> tuple[np.ndarray, np.ndarray, str]:
+                      max_volume_ml: float = np.inf, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, str]:
     """(image with one hypointense real lesion shape, its uint8 truth, the shape file's name).
 
     The shape is drawn among those with ``min_volume_ml`` to ``max_volume_ml`` (excluded) inside the brain.
+    ``contrast`` is how far the lesion goes from the scan's own intensity towards the CSF-like fill: 1 is a chronic
+    stroke cavity; many real lesions (MS, most tumours on T1) are only part of the way there.
     """
+    if not 0 < contrast <= 1:
+        raise ValueError(f"contrast must be in (0, 1], got {contrast}")
     brain = brain_mask > 0
     voxel_ml = spacing_mm**3 / 1000
     for _ in range(200):
@@ -51,14 +55,14 @@ def add_stroke_lesion(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.
         raise ValueError(f"no lesion shape of {min_volume_ml} to {max_volume_ml} ml found in 200 draws")
     fill = float(np.percentile(image[brain], 5))
     weight = np.clip(gaussian_filter(truth.astype(np.float32), sigma=1.0), 0, 1) * brain
-    weight = np.maximum(weight, truth)  # the lesion itself is fully filled; only its rim is blended
+    weight = np.maximum(weight, truth) * contrast  # the lesion itself is filled evenly; only its rim is blended
     modified = (image * (1 - weight) + fill * weight).astype(np.float32)
     return modified, truth.astype(np.uint8), path.name
 
 
 def add_stroke_lesions(image: np.ndarray, brain_mask: np.ndarray, rng: np.random.Generator, shapes: list[Path],
-                       count: int, min_volume_ml: float, max_volume_ml: float,
-                       spacing_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                       count: int, min_volume_ml: float, max_volume_ml: float, spacing_mm: float = 2.0,
+                       contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(image with ``count`` lesion shapes painted one after another, the uint8 union of their truths).
 
     Many small lesions in one scan, as in multiple sclerosis: a segmentation that keeps only its few most anomalous
@@ -66,6 +70,7 @@ def add_stroke_lesions(image: np.ndarray, brain_mask: np.ndarray, rng: np.random
     """
     truth = np.zeros(image.shape, np.uint8)
     for _ in range(count):
-        image, one, _ = add_stroke_lesion(image, brain_mask, rng, shapes, min_volume_ml, spacing_mm, max_volume_ml)
+        image, one, _ = add_stroke_lesion(image, brain_mask, rng, shapes, min_volume_ml, spacing_mm, max_volume_ml,
+                                          contrast)
         truth |= one
     return image, truth
