@@ -267,8 +267,8 @@ def preprocess(
     else:
         prep.input_brain_mask.data = (prep.to_input_space(grid_mask.astype(np.float32)) > 0.5).astype(np.uint8)
     total = time.perf_counter() - started
-    prep.seconds = {"preprocessing": round(total - registration_seconds, 2),
-                    "registration": round(registration_seconds, 2)}
+    prep.seconds = {"preprocessing": round(total - registration_seconds, 3),
+                    "registration": round(registration_seconds, 3)}
     return prep
 
 
