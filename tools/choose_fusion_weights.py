@@ -9,10 +9,10 @@ stroke shape of at least 1 ml, two small ones (0.15 to 1 ml, the size of most MS
 that merely favours 20-30 mm boxes would look free), one scan with 8 to 24 small shapes at once (as in multiple
 sclerosis: a segmentation that keeps only a few components is only caught there) and the clean scan itself. Each
 lesion shape is painted at a contrast drawn between 30 % and 100 % of the way to CSF: real MS lesions and tumours on
-T1 are rarely as dark as a stroke cavity, and with full-contrast lesions alone a stricter threshold always looks
-better. Every (weight, smoothing, median filter, healthy-voxel FPR) on a grid gets a threshold from the clean scans
-as ``uad train --fpr`` calibrates one, and is scored by the mean, over the four kinds of case, of the pooled AUPRC
-and of the mean Dice at that threshold: what a reader of the map and what a user of the segmentation each get.
+T1 are rarely as dark as a stroke cavity. Every (weight, smoothing, median filter, healthy-voxel FPR) on a grid gets
+a threshold from the clean scans as ``uad train --fpr`` calibrates one, and is scored by the mean, over the four
+kinds of case, of the pooled AUPRC and of the mean Dice at that threshold: what a reader of the map and what a user
+of the segmentation each get.
 
 The choice is made at one operating point, ``--fpr`` (default 1 %, the project's default, EVALUATION.md); the other
 rates are scored for information only. Stricter rates win on these painted lesions at every contrast, yet a fusion
