@@ -285,6 +285,7 @@ def painted_cases(subject_id: str, image: np.ndarray, mask: np.ndarray, shapes: 
         cases = []
         for _ in range(draw.per_scan):
             low, high = draw.lesions_per_case
+            # A fixed count draws nothing, so the one-lesion protocols keep the lesions (and cached results) they had.
             count = int(rng.integers(low, high + 1)) if high > low else low
             cases.append(add_stroke_lesions(image, mask, rng, shapes, count, *draw.volume_ml, spacing_mm=SPACING[0]))
         _painted[key] = cases

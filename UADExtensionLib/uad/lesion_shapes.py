@@ -70,7 +70,7 @@ def add_stroke_lesions(image: np.ndarray, brain_mask: np.ndarray, rng: np.random
     """
     truth = np.zeros(image.shape, np.uint8)
     for _ in range(count):
-        image, one, _ = add_stroke_lesion(image, brain_mask, rng, shapes, min_volume_ml, spacing_mm, max_volume_ml,
-                                          contrast)
+        image, one, _ = add_stroke_lesion(image, brain_mask, rng, shapes, min_volume_ml=min_volume_ml,
+                                          max_volume_ml=max_volume_ml, spacing_mm=spacing_mm, contrast=contrast)
         truth |= one
     return image, truth
