@@ -113,3 +113,10 @@ def test_a_mistyped_model_option_is_refused(cohort, tmp_path):
     with pytest.raises(UserInputError, match="unknown option.*chanels"):
         train(TrainConfig(model="vqvae", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
                           cache_dir=str(tmp_path / "cache"), model_options={"chanels": [8, 16]}))
+
+
+def test_an_out_of_range_model_option_is_refused_before_anything_is_written(cohort, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--model", "dae", "--data", str(cohort), "--out", str(tmp_path / "run"),
+                           "--cache", str(tmp_path / "cache"), "--option", "foreign_patch_probability=2")
+    assert code == 2 and "between 0 and 1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

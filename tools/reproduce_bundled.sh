@@ -3,7 +3,8 @@
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
 # 2-core CPU, no GPU (times when run one at a time): preprocessing cache ~20 min once, intensity ~1 min,
 # vqvae ~25 min, rae ~40 min, swin-mae ~45 min, vqvae-transformer ~20 min, mae-classifier ~15 min,
-# patch-retrieval ~10 min, fusion weights ~25 min and its calibration ~3 min (the dae: on a GPU, see below),
+# patch-retrieval ~10 min, fusion weights ~25 min and its calibration ~3 min (the dae: on a GPU, then
+# fine-tuned on the CPU, see below),
 # evaluate ~2 h for all models (results cached per model and protocol; swin-mae alone ~1 h), bench ~10 min.
 # Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
 set -euo pipefail
@@ -19,6 +20,12 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 #   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae --cache "$CACHE" --seed 0 --steps 27500 \
 #       --batch-size 32 --lr 0.0005 --validate-every 2750 --checkpoint-every 2750 --threads 2 --device cuda \
 #       --option noise_grid_divisor=4 --option noise_std=0.3
+# Those weights were then fine-tuned on this 2-core CPU (~30 min) to restore foreign patches as well; from the GPU
+# run's model.pt (runs/dae above), the command the bundled dae.pt records:
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-fpi --cache "$CACHE" --seed 0 --steps 5000 \
+#       --batch-size 32 --lr 0.0002 --validate-every 500 --checkpoint-every 250 --threads 2 \
+#       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
+#       --init-from runs/dae/model.pt
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
@@ -37,7 +44,7 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-python tools/choose_fusion_weights.py --data "$DATA" | tee Resources/fusion-weights-validation.txt
+python tools/choose_fusion_weights.py --data "$DATA" --grid 0.4 0.5 0.6 0.7 0.8 | tee Resources/fusion-weights-validation.txt
 CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
 FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")

@@ -37,14 +37,15 @@ def _curve(curve: list) -> str:
     return ", ".join(f"{step}: {score:.3f}" for step, score in curve)
 
 
-def _gpu_runs(name: str, bundled_command: str) -> list[str]:
+def _gpu_runs(name: str, bundled_command: str, base_command: str = "") -> list[str]:
     """The GPU runs of this model (tools/train_on_gpu.py), with their curves: whether more training would help."""
     runs = json.loads(GPU_RUNS.read_text()) if GPU_RUNS.exists() else {}
     lines = []
     for run, r in runs.items():
         if r["model"] != name:
             continue
-        bundled = " (the bundled weights)" if bundled_command == r["command"] else ""
+        bundled = (" (the bundled weights)" if bundled_command == r["command"] else
+                   " (the start of the bundled weights' fine-tuning)" if base_command == r["command"] else "")
         lines.append(f"  - `{run}`{bundled}, {r['lease']}, one NVIDIA H200: `{r['command']}`; best raw-map "
                      f"validation AUPRC {r['auprc']} at step {r['step']}, "
                      + (f"stopped {r['stopped']}" if "stopped" in r else f"final map {r.get('auprc_final_map')}")
@@ -77,11 +78,14 @@ def card(info: catalog.ModelInfo) -> str:
         f"- Threshold: {calibration.get('threshold', float('nan')):.4g} = {calibration.get('method', '?')}, "
         f"at {calibration.get('fpr', 0):.0%} FPR over {calibration.get('n_volumes', '?')} healthy validation volumes.",
     ]
-    if "initialised_from" in training:
-        base = training["initialised_from"]
+    base = training.get("initialised_from", {})
+    if base.get("model") == info.name:  # a fine-tune: every weight trained further
+        lines.append(f"- Fine-tuned from the earlier bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`), "
+                     f"itself from `{base['command']}`.")
+    elif base:
         lines.append(f"- First stage: the bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`, frozen), "
                      f"itself from `{base['command']}`.")
-    lines += _gpu_runs(info.name, training.get("command", ""))
+    lines += _gpu_runs(info.name, training.get("command", ""), base.get("command", ""))
     if "threshold_by_mask_size_mm" in calibration:
         sizes = ", ".join(f"{mm} mm: {t:.4g}" for mm, t in calibration["threshold_by_mask_size_mm"].items())
         lines.append(f"- Threshold per mask size (same calibration): {sizes}.")

@@ -6,7 +6,7 @@ import torch
 
 from uad.errors import UserInputError
 from uad.models import build_model
-from uad.models.dae import DAEConfig, coarse_noise
+from uad.models.dae import DAEConfig, coarse_noise, foreign_patches
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 
@@ -21,6 +21,33 @@ def test_dae_noise_is_coarse_and_of_the_configured_strength():
     neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
     assert neighbours > 0.95
     assert 0.1 < float(noise.std()) < 0.2  # bilinear upsampling smooths a little of the 0.2 away
+
+
+def test_foreign_patches_blend_another_slice_into_an_irregular_blob_inside_the_brain():
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 80, 96)
+    masks = torch.zeros_like(images)
+    masks[..., 10:70, 10:86] = 1
+    corrupted, blobs = foreign_patches(images, masks, probability=0.5)
+    touched = blobs.flatten(1).amax(1) > 0
+    assert 0.25 < float(touched.float().mean()) < 0.75  # about the configured share of slices
+    assert torch.equal(corrupted[~touched], images[~touched])  # the others are left exactly as they were
+    assert not blobs[masks == 0].any()  # never outside the brain
+    # Inside a blob the value lies between this slice's and the donor's (the previous slice of the batch).
+    donors = images.roll(1, dims=0)
+    inside = blobs > 0
+    low, high = torch.minimum(images, donors)[inside], torch.maximum(images, donors)[inside]
+    assert ((corrupted[inside] >= low - 1e-6) & (corrupted[inside] <= high + 1e-6)).all()
+    # Irregular, not a box: a blob fills clearly less than its bounding box.
+    first = blobs[touched.nonzero()[0, 0], 0] > 0
+    rows, cols = first.any(1).nonzero(), first.any(0).nonzero()
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert float(first.sum()) < 0.9 * float(box)
+
+
+def test_dae_refuses_a_foreign_patch_share_outside_0_to_1():
+    with pytest.raises(UserInputError, match="between 0 and 1"):
+        build_model(DAEConfig(foreign_patch_probability=1.5))
 
 
 def test_dae_learns_to_remove_its_noise():

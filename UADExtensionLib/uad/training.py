@@ -235,12 +235,12 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
     torch.manual_seed(config.seed)  # the same initial weights in every process (DDP also copies process 0's)
     rng = np.random.default_rng(config.seed + ddp.rank)  # but each process draws its own batches
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.pt"
 
     preprocessing = PreprocessConfig()
-    model = build_model(spec.config_cls.from_dict(config.model_options))
+    model = build_model(spec.config_cls.from_dict(config.model_options))  # a bad option fails before --out exists
     base = _initialise_from(model, config.init_from) if config.init_from else None
+    out_dir.mkdir(parents=True, exist_ok=True)
     if ddp.rank:
         torch.manual_seed(config.seed + ddp.rank)  # and its own random masks, noise, ... in the loss
     model = model.to(device)

@@ -11,6 +11,12 @@ The paper's settings at 128 px: noise resolution 16 (1/8), std 0.2, L2 loss on t
 inside the brain only. Kascenas et al. train for hundreds of epochs; EVALUATION.md found on this data that the
 validation AUPRC peaks early (longer training teaches it to copy), so the training loop's checkpoint choice by
 validation AUPRC matters more here than for the other models.
+
+Coarse noise only ever teaches smooth intensity changes; a lesion also brings edges and a texture of its own, which
+the net then leaves in place. With ``foreign_patch_probability`` some training slices also get foreign patch
+interpolation (Tan et al. 2021, the restoration task of DISYRE): an irregular blob blended with the same place in
+another slice, to be restored as well. Fine-tuning the coarse-noise weights this way for 5000 steps on the CPU raised
+the validation AUPRC of the final map from 0.553 to 0.659 (the bundled weights; model card).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
 
+from uad.errors import UserInputError
 from uad.models.base import LossOutput
 from uad.models.registry import register
 from uad.models.slicewise import SliceConfig, SliceModel
@@ -34,6 +41,8 @@ class DAEConfig(SliceConfig):
     num_res_units: int = 1
     noise_grid_divisor: int = 8  # noise drawn on an (H / 8) x (W / 8) grid, then upsampled (the paper's 16 of 128)
     noise_std: float = 0.2  # in normalised units (brain 99th percentile = 1), as in the paper
+    # Share of training slices that also get a foreign patch (see foreign_patches); 0 = Kascenas et al. as published.
+    foreign_patch_probability: float = 0.0
 
 
 def coarse_noise(shape: tuple[int, ...], divisor: int, std: float, generator_device: torch.device) -> torch.Tensor:
@@ -44,15 +53,51 @@ def coarse_noise(shape: tuple[int, ...], divisor: int, std: float, generator_dev
     return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
 
 
+def irregular_blobs(shape: tuple[int, ...], generator_device: torch.device) -> torch.Tensor:
+    """(B, 1, H, W) binary masks, one irregular blob per slice, 4 to 40 % of the slice's width across.
+
+    A disk of random centre and radius whose edge is pushed in and out by coarse noise: neither the box nor the
+    ellipsoid the synthetic protocol paints, and no real lesion shape (those are kept for evaluation).
+    """
+    batch, _, height, width = shape
+    rows = torch.arange(height, device=generator_device).view(1, 1, height, 1)
+    cols = torch.arange(width, device=generator_device).view(1, 1, 1, width)
+    centre_row = torch.rand(batch, 1, 1, 1, device=generator_device) * height
+    centre_col = torch.rand(batch, 1, 1, 1, device=generator_device) * width
+    radius = (0.02 + 0.18 * torch.rand(batch, 1, 1, 1, device=generator_device)) * width
+    distance = ((rows - centre_row) ** 2 + (cols - centre_col) ** 2).sqrt() / radius
+    wobble = coarse_noise(shape, 8, 0.35, generator_device)
+    return (distance + wobble < 1).float()
+
+
+def foreign_patches(images: torch.Tensor, masks: torch.Tensor, probability: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreign patch interpolation (Tan et al. 2021; the restoration task of DISYRE, Naval Marimont et al. 2024).
+
+    In a ``probability`` share of the slices, an irregular blob is blended, by a random factor, with the same
+    place in another slice of the batch (another subject or level): real tissue texture at a wrong place and
+    contrast, which the net must restore to this slice. Coarse noise only teaches it smooth intensity changes;
+    a lesion also brings edges and texture of its own. Returns (corrupted images, blob masks).
+    """
+    batch = images.shape[0]
+    chosen = (torch.rand(batch, 1, 1, 1, device=images.device) < probability).float()
+    blend = (0.3 + 0.7 * torch.rand(batch, 1, 1, 1, device=images.device)) * chosen
+    blobs = irregular_blobs(images.shape, images.device) * masks * blend
+    donors = images.roll(1, dims=0)
+    return images * (1 - blobs) + donors * blobs, blobs
+
+
 @register(DAEConfig)
 class DAEModel(SliceModel):
     family = "reconstruction"
-    description = ("Denoising U-Net (Kascenas et al.): trained to remove coarse, lesion-sized noise; returns healthy "
-                   "tissue sharp and replaces what does not look healthy.")
+    description = ("Denoising U-Net (Kascenas et al.): trained to remove coarse, lesion-sized noise and blended-in "
+                   "foreign tissue; returns healthy tissue sharp and replaces what does not look healthy.")
 
     config: DAEConfig
 
     def __init__(self, config: DAEConfig):
+        if not 0 <= config.foreign_patch_probability <= 1:
+            raise UserInputError(f"foreign_patch_probability is a share of training slices, between 0 and 1; got "
+                                 f"{config.foreign_patch_probability}")
         super().__init__(config)
         self.network = UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=config.channels,
                             strides=(2,) * (len(config.channels) - 1), num_res_units=config.num_res_units)
@@ -62,7 +107,10 @@ class DAEModel(SliceModel):
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> LossOutput:
         noise = coarse_noise(images.shape, self.config.noise_grid_divisor, self.config.noise_std, images.device)
-        denoised = self.network(images + noise * masks)
+        corrupted = images
+        if self.config.foreign_patch_probability > 0:
+            corrupted, _ = foreign_patches(images, masks, self.config.foreign_patch_probability)
+        denoised = self.network(corrupted + noise * masks)
         # Mean squared error over brain pixels only: the background is trivially 0 and would dilute the loss.
         mse = ((denoised - images) ** 2 * masks).sum() / masks.sum().clamp(min=1)
         return LossOutput(mse, {"mse": mse.item()})
