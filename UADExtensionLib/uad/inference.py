@@ -112,6 +112,12 @@ def resolve_checkpoint_path(model: str | None) -> Path:
     return catalog.get_model_info(model or catalog.default_model_name()).path
 
 
+def _seconds_since(start: float) -> float:
+    """Seconds since ``start`` (a perf_counter value), to the millisecond: a z-score's inference takes a few, and a
+    stage recorded as 0.00 would read as not run."""
+    return round(time.perf_counter() - start, 3)
+
+
 class Detector:
     def __init__(self, options: DetectOptions):
         self.options = options
@@ -154,7 +160,7 @@ class Detector:
         return DetectionResult(out_dir, report)
 
     def _run(self, input_path: Path, staging: Path, progress: Progress) -> dict:
-        seconds: dict[str, float] = {}  # to the millisecond: a z-score's inference takes a few, and 0.00 says none
+        seconds: dict[str, float] = {}
         started = time.perf_counter()
         progress.update("load", 0.0, f"loading {input_path.name}")
         volume = load_volume(input_path)
@@ -162,7 +168,7 @@ class Detector:
         skull_stripping = decide_skull_stripping(volume, self.options.skull_stripped, brain_mask is not None)
         checkpoint = self.checkpoint
         option_warnings = self._option_warnings()
-        seconds["load"] = round(time.perf_counter() - started, 3)
+        seconds["load"] = _seconds_since(started)
 
         progress.update("preprocessing", 0.0, "bias correction and registration")
         prep = preprocess(volume, checkpoint.preprocessing, brain_mask=brain_mask,
@@ -174,14 +180,14 @@ class Detector:
             for warning in input_check.warnings + option_warnings:
                 log.info("warning: %s", warning)  # callers get them in the result and report.json
             seconds.update(prep.seconds)
-            seconds["input_check"] = round(time.perf_counter() - clock, 3)
+            seconds["input_check"] = _seconds_since(clock)
             progress.update("inference", 0.0, f"running {checkpoint.name} on {self.device}")
             clock = time.perf_counter()
             mask_size_px = checkpoint.preprocessing.mask_size_px(self.options.effective_mask_size)
             prediction = predict_with_mask_mode(checkpoint.model, prep.image, prep.brain_mask, mask_size_px,
                                                 self.options.mask_mode, batch_size=self.options.batch_size,
                                                 progress=progress.stage_callback("inference"))
-            seconds["inference"] = round(time.perf_counter() - clock, 3)
+            seconds["inference"] = _seconds_since(clock)
 
             progress.update("postprocessing", 0.0, "mapping back and segmenting")
             clock = time.perf_counter()
@@ -202,7 +208,7 @@ class Detector:
                 scored = prep.to_input_space(np.ascontiguousarray(per_slice, np.float32)) * brain
             slice_scores, volume_score = _scores(scored, brain, scoring_region, volume.affine)
             findings = find_components(segmentation, anomaly_map, volume.affine)
-            seconds["postprocessing"] = round(time.perf_counter() - clock, 3)
+            seconds["postprocessing"] = _seconds_since(clock)
         finally:
             prep.close()
 
@@ -222,8 +228,8 @@ class Detector:
             write_findings_csv(staging / "findings.csv", findings)
         except OSError as exc:  # disk full, quota, a folder removed under us
             raise unwritable_error(staging.parent, exc) from exc
-        seconds["writing"] = round(time.perf_counter() - clock, 3)
-        seconds["total"] = round(time.perf_counter() - started, 3)
+        seconds["writing"] = _seconds_since(clock)
+        seconds["total"] = _seconds_since(started)
 
         report = {
             "input": str(input_path.resolve()),
