@@ -3,7 +3,7 @@
 # Run from the repository root with ../shared beside it, in the environment of the README's test command.
 # 2-core CPU, no GPU (times when run one at a time): preprocessing cache ~20 min once, intensity ~1 min,
 # vqvae ~25 min, rae ~40 min, swin-mae ~45 min, vqvae-transformer ~20 min, mae-classifier ~15 min,
-# patch-retrieval ~10 min, fusion weights ~25 min and its calibration ~3 min (the dae: on a GPU, then
+# patch-retrieval ~2 min, fusion weights ~25 min and its calibration ~3 min (the dae: on a GPU, then
 # fine-tuned on the CPU, see below),
 # evaluate ~2 h for all models (results cached per model and protocol; swin-mae alone ~1 h), bench ~10 min.
 # Each checkpoint also records the exact command that made it (see Resources/MODEL_CARDS.md).
@@ -27,6 +27,9 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 #       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
 #       --init-from runs/dae/model.pt
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
+# Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
+# tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):
+#   python tools/compare_patch_scales.py --data "$DATA" > Resources/patch-scales-validation.txt
 uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
     --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'

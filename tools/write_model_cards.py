@@ -14,6 +14,12 @@ from uad.checkpoint import load_checkpoint
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARDS.md"
 RESULTS = OUT.with_name("evaluation-results.json")
 GPU_RUNS = OUT.with_name("gpu-training-runs.json")  # every run of tools/train_on_gpu.py, bundled or not
+# Training-free models have no validation curve; their settings were chosen on validation cases by these tools.
+SETTINGS_CHOSEN = {
+    "patch-retrieval": "`tools/compare_patch_settings.py` (the search: Resources/patch-settings-validation.txt) and "
+                       "`tools/compare_patch_scales.py` (the coarse search: Resources/patch-scales-validation.txt)",
+    "fusion": "`tools/choose_fusion_weights.py` (Resources/fusion-weights-validation.txt)",
+}
 
 
 def _how_trained(training: dict, config: dict) -> str:
@@ -86,6 +92,8 @@ def card(info: catalog.ModelInfo) -> str:
         lines.append(f"- First stage: the bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`, frozen), "
                      f"itself from `{base['command']}`.")
     lines += _gpu_runs(info.name, training.get("command", ""), base.get("command", ""))
+    if info.name in SETTINGS_CHOSEN:
+        lines.append(f"- Settings chosen on validation subjects by {SETTINGS_CHOSEN[info.name]}.")
     if "threshold_by_mask_size_mm" in calibration:
         sizes = ", ".join(f"{mm} mm: {t:.4g}" for mm, t in calibration["threshold_by_mask_size_mm"].items())
         lines.append(f"- Threshold per mask size (same calibration): {sizes}.")

@@ -72,7 +72,9 @@ def test_dae_learns_to_remove_its_noise():
 def patch_model():
     model = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1))
     volumes = np.stack([healthy_like(seed)[0] for seed in range(4)])
-    model.fit(volumes, np.stack([healthy_like()[1]] * 4))
+    masks = np.stack([healthy_like()[1]] * 4)
+    model.fit(volumes, masks)
+    model.fit_map_statistics(volumes, masks)
     return model
 
 
@@ -99,6 +101,59 @@ def test_patch_retrieval_statistics_leave_each_scan_out(patch_model):
     own = patch_model._raw_prediction(image, mask).residual[mask].mean()
     left_out = patch_model._raw_prediction(image, mask, exclude=1).residual[mask].mean()
     assert own < 1 / 170 < left_out
+
+
+def _with_dark_slab(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A test brain with a flat, CSF-dark slab 4 voxels thick at a slightly different place in each scan."""
+    image, mask = healthy_like(seed)
+    start = 38 + seed % 3
+    image[start:start + 4] = np.where(mask[start:start + 4], 0.1, 0)
+    return image, mask
+
+
+def test_patch_retrieval_coarse_search_sees_the_flat_interior_that_the_fine_one_copies():
+    """The known weakness: small patches of dark CSF fill a dark lesion's flat interior, which then vanishes from the
+    fine residual. On the coarse grid the patch spans the lesion, and no healthy neighbourhood is that dark."""
+    model = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1))
+    model.fit(np.stack([_with_dark_slab(seed)[0] for seed in range(4)]), np.stack([healthy_like()[1]] * 4))
+    image, mask = _with_dark_slab(9)
+    lesion = image.copy()
+    lesion[34:46, 42:54, 34:46] = 0.1  # 24 mm across, as dark as the slab it overlaps
+    interior = (slice(37, 43), slice(45, 51), slice(37, 43))
+    far = mask & (np.abs(np.indices(mask.shape)[0] - 40) > 20)
+    fine = model._raw_prediction(lesion, mask).residual
+    coarse = model.to_working_grid(model.coarse_raw_map(lesion, mask)[0], mask)
+    assert fine[interior].mean() < 0.5 * fine[far].mean()
+    assert coarse[interior].mean() > 5 * coarse[far].mean()
+    healthy = model.to_working_grid(model.coarse_raw_map(image, mask)[0], mask)
+    assert healthy[interior].mean() < healthy[far].mean()  # the slab itself is healthy: matched at both scales
+
+
+def test_patch_retrieval_map_averages_the_two_scales_by_coarse_weight(patch_model):
+    image, mask = healthy_like(9)
+    image[35:45, 40:50, 35:45] = 0.05
+    fine_only = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1, coarse_weight=0.0))
+    both = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1, coarse_weight=1.0))
+    for model in (fine_only, both):
+        model.load_state_dict(patch_model.state_dict())
+    coarse = both.predict(image, mask).anomaly_map
+    fine = fine_only.predict(image, mask).anomaly_map
+    mixed = patch_model.predict(image, mask).anomaly_map  # the default, coarse_weight 0.5
+    assert np.isfinite(mixed).all() and not mixed[~mask].any()
+    np.testing.assert_allclose(mixed, 0.5 * fine + 0.5 * coarse, atol=1e-5)
+    assert not np.allclose(fine, coarse)
+
+
+def test_patch_retrieval_refuses_a_checkpoint_without_the_coarse_statistics(patch_model):
+    state = {k: v for k, v in patch_model.state_dict().items() if not k.startswith("coarse_")}
+    with pytest.raises(UserInputError, match="refit it with 'uad train --model patch-retrieval'"):
+        build_model(PatchRetrievalConfig()).load_state_dict(state)
+
+
+@pytest.mark.parametrize("option", [{"coarse_weight": 1.5}, {"coarse_weight": -0.1}, {"coarse_factor": 0}])
+def test_patch_retrieval_refuses_impossible_coarse_options(option):
+    with pytest.raises(UserInputError, match=next(iter(option))):
+        build_model(PatchRetrievalConfig(**option))
 
 
 def test_fusion_is_the_weighted_sum_of_its_members_maps():

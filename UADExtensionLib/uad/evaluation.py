@@ -4,7 +4,7 @@
   one box or ellipsoid (20-30 mm, uniform random fill) per copy, four copies per held-out IXI scan, the same
   anomalies for every model (seeded per subject, centres drawn from a fixed template mask, so registration
   noise cannot move them); pixel AUROC / AUPRC of the map as segmented (median-filtered, except the fusion's,
-  which smooths its own map) over brain voxels (per-volume mean and pooled); Dice at each model's calibrated
+  which is calibrated unfiltered) over brain voxels (per-volume mean and pooled); Dice at each model's calibrated
   threshold.
 - Realistic shapes: one real stroke-lesion mask per held-out IXI scan, painted hypointense (lesion_shapes.py);
   pooled AUROC / AUPRC, Dice at the calibrated threshold, and Georgescu's slice-level AUROC. The same with two
@@ -586,8 +586,8 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         f"training or calibration) and MASS ({first['n_mass']} skull-stripped healthy scans from another site). "
         f"{config.copies_per_scan} copies per IXI scan, each with one box or ellipsoid of 20–30 mm filled with a "
         f"uniform random intensity ({first['cases']} cases). Everything on the 2 mm working grid (MNI space), "
-        "brain voxels only; maps filtered as each model segments them (5 mm median; the fusion, which smooths its own "
-        "map, none). Masking models appear "
+        "brain voxels only; maps filtered as each model segments them (5 mm median; the fusion, calibrated unfiltered, "
+        "none). Masking models appear "
         "once per mask size, each with its own calibrated threshold.",
         "SSIM: inside the brain mask, intensities normalised to the brain's 99th percentile (data range 1); for "
         "masking models the reconstruction is the composite of the masked passes. AUROC/AUPRC: per-volume mean and "
@@ -649,7 +649,7 @@ def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str =
         *provenance,
         f"{drawn}, the same lesions for every model), painted with the "
         "intensity of the scan's darkest 5 % of brain (CSF-like) over a softened 2 mm edge. Pooled voxel AUROC/AUPRC "
-        "of the map as the model segments it (median-filtered, except the fusion's, which smooths its own map); "
+        "of the map as the model segments it (median-filtered, except the fusion's, which is calibrated unfiltered); "
         "Dice at the calibrated threshold (mean over cases); best Dice is the oracle "
         f"over {'every score' if rare else '200 quantiles'} of the pooled map (an upper bound that peeks at the "
         "labels); slice AUROC (Georgescu) "

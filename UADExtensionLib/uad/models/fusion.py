@@ -3,13 +3,14 @@
 Detectors that fail differently add up (EVALUATION.md): the denoising autoencoder sees texture and contrast
 changes but leaves noise-sized blobs on healthy brains; patch retrieval is clean away from lesions but can copy
 dark CSF into a dark, flat anomaly. Every member's map is already in the same units (a z-score against healthy
-voxel statistics, re-centred on the scan), so a weighted sum is meaningful without further scaling; a Gaussian
-then averages the DAE's noise-sized blobs away. That Gaussian is this model's only smoothing: it is calibrated and
-segmented without the 5 mm median filter other models use, which on top of it cost every validation Dice and
-blurred small lesions away (``uad train --median-mm 0``). The weights, the Gaussian's width and the median filter
-were chosen on the validation subjects (synthetic anomalies, stroke shapes, small stroke shapes and scans with many
-small ones; never lesion cases) by AUPRC and by Dice at the healthy-calibrated threshold, and the threshold is
-calibrated on healthy validation brains like any other model's.
+voxel statistics, re-centred on the scan), so a weighted sum is meaningful without further scaling; an optional
+Gaussian (``smoothing_sigma_voxels``) averages the DAE's noise-sized blobs away. The fusion is calibrated and
+segmented without the 5 mm median filter other models use, which cost every validation Dice and blurred small
+lesions away (``uad train --median-mm 0``); since patch retrieval got its coarse search, which is smooth already,
+the bundled fusion uses no Gaussian either (Resources/fusion-weights-validation.txt). The weights, the Gaussian's
+width and the median filter were chosen on the validation subjects (synthetic anomalies, stroke shapes, small stroke
+shapes and scans with many small ones; never lesion cases) by AUPRC and by Dice at the healthy-calibrated
+threshold, and the threshold is calibrated on healthy validation brains like any other model's.
 
 The members are not copied into this checkpoint (that would double the package): it names them and records
 their SHA-256, and loading verifies that the bundled files are exactly those the fusion was fitted with.
