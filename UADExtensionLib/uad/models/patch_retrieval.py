@@ -79,7 +79,8 @@ class PatchRetrievalModel(AnomalyModel):
         self.register_buffer("atlas_blob", torch.zeros(0, dtype=torch.uint8))  # compressed npz of the stored scans
         self.register_buffer("map_mean", torch.zeros(config.grid_shape))
         self.register_buffer("map_std", torch.ones(config.grid_shape))
-        # The coarse map is z-scored on the coarse grid (1/8 of the voxels: the checkpoint stays under 20 MB).
+        # The coarse map's statistics are kept on the coarse grid (1/8 of the voxels: the checkpoint stays under
+        # 20 MB) and brought to the working grid when used.
         self.register_buffer("coarse_map_mean", torch.zeros(self.coarse_shape))
         self.register_buffer("coarse_map_std", torch.ones(self.coarse_shape))
 
