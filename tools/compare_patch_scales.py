@@ -36,15 +36,14 @@ SETTINGS = [(2, 3, 1), (2, 5, 1), (2, 3, 2), (2, 5, 2), (2, 7, 2), (4, 3, 1)]  #
 WEIGHTS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def coarse_only(bundled, factor: int, patch: int, radius: int, volumes: np.ndarray, masks: np.ndarray):
-    """A patch-retrieval model with this coarse setting and its coarse statistics fitted."""
+def with_coarse_setting(bundled, factor: int, patch: int, radius: int, volumes: np.ndarray, masks: np.ndarray):
+    """The bundled patch-retrieval model with this coarse setting, its coarse statistics fitted."""
     model = build_model(replace(bundled.config, coarse_weight=0.5, coarse_factor=factor, coarse_patch_size=patch,
                                 coarse_search_radius=radius))
+    # The coarse buffers' shape depends on the setting: keep the new model's, take everything else from the bundle.
     fresh = {k: v for k, v in model.state_dict().items() if k.startswith("coarse_")}
     model.load_state_dict({k: v for k, v in bundled.state_dict().items() if not k.startswith("coarse_")} | fresh)
-    mean, std = model.healthy_statistics_of(model.coarse_raw_map, model.coarse_shape, volumes, masks)
-    model.coarse_map_mean.copy_(torch.from_numpy(mean))
-    model.coarse_map_std.copy_(torch.from_numpy(std))
+    model.fit_coarse_statistics(volumes, masks)
     return model
 
 
@@ -71,7 +70,7 @@ def main() -> None:
     print("factor patch radius weight | patch-retrieval alone: mean, AUPRC synthetic | fused with dae: mean, AUPRC "
           "synthetic, AUPRC stroke, Dice many small")
     for factor, patch, radius in SETTINGS:
-        model = coarse_only(bundled.model, factor, patch, radius, volumes, masks)
+        model = with_coarse_setting(bundled.model, factor, patch, radius, volumes, masks)
         coarse = [model.coarse_map(image, mask) for _, image, _, _, _, mask in cases]
         for weight in WEIGHTS:
             maps = [(1 - weight) * fine + weight * c for (_, _, fine, _, _, _), c in zip(cases, coarse)]

@@ -117,9 +117,14 @@ class PatchRetrievalModel(AnomalyModel):
         self.map_mean.copy_(torch.from_numpy(mean))
         self.map_std.copy_(torch.from_numpy(std))
         if self.config.coarse_weight > 0:
-            mean, std = self.healthy_statistics_of(self.coarse_raw_map, self.coarse_shape, volumes, masks)
-            self.coarse_map_mean.copy_(torch.from_numpy(mean))
-            self.coarse_map_std.copy_(torch.from_numpy(std))
+            self.fit_coarse_statistics(volumes, masks)
+
+    @torch.inference_mode()
+    def fit_coarse_statistics(self, volumes: np.ndarray, masks: np.ndarray) -> None:
+        """The coarse map's healthy statistics alone (a second of work per scan; tools/compare_patch_scales.py)."""
+        mean, std = self.healthy_statistics_of(self.coarse_raw_map, self.coarse_shape, volumes, masks)
+        self.coarse_map_mean.copy_(torch.from_numpy(mean))
+        self.coarse_map_std.copy_(torch.from_numpy(std))
 
     def healthy_statistics_of(self, raw_map, shape: tuple[int, ...], volumes: np.ndarray, masks: np.ndarray,
                               progress=None):
@@ -180,6 +185,7 @@ class PatchRetrievalModel(AnomalyModel):
         raw = self.to_working_grid(self.coarse_raw_map(image, brain_mask)[0], brain_mask)
         mean, std = (self.to_working_grid(s.cpu().numpy(), brain_mask) for s in (self.coarse_map_mean,
                                                                                   self.coarse_map_std))
+        # Upsampling zeroes the spread outside the brain; floor it at the smallest fitted value to never divide by 0.
         return standardise_map(raw, brain_mask, mean, np.maximum(std, self.coarse_map_std.min().item()),
                                self.config.per_scan_standardise)
 
