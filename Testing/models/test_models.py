@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from uad import catalog
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.models import build_model, get_spec, list_models
 from uad.models.scoring import ssim_map
@@ -91,3 +92,10 @@ def test_ssim_map_is_one_for_identical_images_and_drops_for_flattened_texture():
     assert torch.allclose(ssim_map(x, x), torch.ones_like(x), atol=1e-4)
     flat = torch.full_like(x, float(x.mean()))
     assert ssim_map(x, flat).mean() < 0.2
+
+
+@pytest.mark.parametrize("info", catalog.list_models(), ids=lambda info: info.name)
+def test_bundled_description_is_the_models_own(info):
+    # The manifest copies the description when a model is bundled; `uad models`, the Slicer selector and the model
+    # cards read the copy, so an edited class description must not leave the bundle saying the old one.
+    assert info.description == get_spec(info.name).model_cls.description

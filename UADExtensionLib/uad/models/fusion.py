@@ -47,8 +47,7 @@ class FusionConfig(ModelConfig):
 class FusionModel(AnomalyModel):
     trainable = False
     family = "fusion"
-    description = ("Fusion: weighted sum of the denoising autoencoder's and patch retrieval's z-scored maps "
-                   "(a Gaussian on the sum is optional; the bundled fusion has none).")
+    description = "Fusion: weighted sum of the denoising autoencoder's and patch retrieval's z-scored maps."
 
     config: FusionConfig
 
