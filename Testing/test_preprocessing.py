@@ -3,6 +3,7 @@
 import ants
 import numpy as np
 import pytest
+from models.synthetic_brain import healthy_like
 
 from uad import resources
 from uad.errors import UserInputError
@@ -14,6 +15,7 @@ from uad.preprocessing import (
     background_value,
     normalise_intensity,
     preprocess,
+    reference_intensity_field,
     to_ants,
 )
 
@@ -118,6 +120,28 @@ def test_normalisation_maps_the_percentile_to_one():
     normalised, scale = normalise_intensity(image, mask, PreprocessConfig(normalisation_percentile=50))
     assert scale == pytest.approx(100, rel=0.01)
     assert normalised.max() == pytest.approx(1.5)  # capped
+
+
+def test_reference_field_recovers_a_smooth_bias_and_is_not_bent_by_a_lesion():
+    """A scan darkening from top to bottom (as N4 leaves some sites' scans), with a dark lesion: the fitted field is
+    the darkening, also under the lesion, so dividing it out restores the healthy level without erasing the lesion."""
+    reference, mask = healthy_like(0)
+    scan, _ = healthy_like(1)
+    z = np.linspace(-1, 1, scan.shape[2])[None, None, :]
+    true_field = np.broadcast_to(np.exp(0.3 * z - 0.2 + 0.05 * z ** 2), scan.shape)
+    lesion = (slice(30, 42), slice(40, 52), slice(30, 42))
+    scan[lesion] = 0.1
+    field = reference_intensity_field(scan * true_field, mask, reference, degree=2)
+    assert np.abs(field / true_field - 1)[mask].max() < 0.05
+    assert np.abs(field / true_field - 1)[lesion].max() < 0.03
+    corrected = scan * true_field / field
+    assert corrected[lesion].mean() < 0.2 < 0.5 < corrected[mask].mean()
+
+
+def test_reference_field_is_flat_for_a_scan_already_on_the_reference_level():
+    reference, mask = healthy_like(0)
+    field = reference_intensity_field(healthy_like(1)[0], mask, reference, degree=3)
+    assert np.abs(field - 1)[mask].max() < 0.02
 
 
 def test_empty_brain_region_is_a_user_error():

@@ -30,6 +30,8 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
 # tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):
 #   python tools/compare_patch_scales.py --data "$DATA" > Resources/patch-scales-validation.txt
+# Its intensity_field_degree (0 in the bundle) was measured by tools/compare_intensity_fields.py (~40 min for two
+# degrees; Resources/intensity-fields-validation.txt); not yet bundled, see that file.
 uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
     --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'

@@ -144,6 +144,22 @@ def test_patch_retrieval_map_averages_the_two_scales_by_coarse_weight(patch_mode
     assert not np.allclose(fine, coarse)
 
 
+def test_patch_retrieval_divides_out_a_scan_wide_intensity_field(patch_model):
+    """A healthy scan whose brain darkens towards the bottom finds no healthy match there unless the field is
+    divided out first; with it, its residual is that of the scan as it should be, and the reconstruction comes back
+    in the scan's own intensities."""
+    image, mask = healthy_like(9)
+    darkening = np.broadcast_to(np.linspace(0.6, 1.0, image.shape[2], dtype=np.float32), image.shape)
+    darkened = image * darkening
+    matched = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1, intensity_field_degree=2))
+    matched.load_state_dict(patch_model.state_dict())
+    as_it_should_be = matched.predict(image, mask).residual[mask].mean()
+    assert patch_model.predict(darkened, mask).residual[mask].mean() > 3 * as_it_should_be
+    prediction = matched.predict(darkened, mask)
+    assert prediction.residual[mask].mean() < 1.5 * as_it_should_be
+    assert np.abs(prediction.reconstruction - darkened)[mask].mean() < 0.05
+
+
 def test_patch_retrieval_refuses_a_checkpoint_without_the_coarse_statistics(patch_model):
     state = {k: v for k, v in patch_model.state_dict().items() if not k.startswith("coarse_")}
     with pytest.raises(UserInputError, match="refit it with 'uad train --model patch-retrieval'"):

@@ -172,6 +172,46 @@ def normalise_intensity(image: np.ndarray, mask: np.ndarray, config: PreprocessC
     return normalised.astype(np.float32), scale
 
 
+def reference_intensity_field(image: np.ndarray, mask: np.ndarray, reference: np.ndarray, degree: int,
+                              smoothing_voxels: float = 2.0) -> np.ndarray:
+    """Smooth multiplicative field by which ``image`` departs from a healthy ``reference`` on the same grid.
+
+    N4 leaves some scans (older or other sites' sequences) with a brain that darkens from top to bottom, and the
+    99th-percentile scaling then puts the whole brain off the healthy level; a model comparing intensities with
+    healthy scans flags all of it. The log ratio of the two (both lightly smoothed) over tissue is fitted by a
+    polynomial of ``degree`` in the voxel coordinates, robustly: voxels far off the fit (a lesion, a misregistered
+    edge) are dropped and the fit repeated, so a focal lesion does not bend the field. ``image / field`` is then on
+    the reference's intensity level everywhere. Returns ones when there is too little tissue to fit.
+    """
+    weights = mask.astype(np.float32)
+    support = np.maximum(ndimage.gaussian_filter(weights, smoothing_voxels), 1e-3)
+    smoothed_image = ndimage.gaussian_filter(image * weights, smoothing_voxels) / support
+    smoothed_reference = ndimage.gaussian_filter(reference * weights, smoothing_voxels) / support
+    # Tissue away from the brain's edge and out of CSF, where the ratio is a bias and not a partial volume.
+    tissue = (ndimage.binary_erosion(mask, iterations=2) & (smoothed_reference > 0.35) & (smoothed_image > 0.05))
+    tissue[::2] = False  # every other plane is plenty for 20 coefficients, and halves the fit's time
+    if tissue.sum() < 1000:
+        return np.ones(image.shape, np.float32)
+    log_ratio = np.log(smoothed_image[tissue] / smoothed_reference[tissue])
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in image.shape]
+    powers = [(a, b, c) for a in range(degree + 1) for b in range(degree + 1) for c in range(degree + 1)
+              if a + b + c <= degree]
+
+    def design(where: np.ndarray) -> np.ndarray:
+        x, y, z = (axes[axis][index] for axis, index in enumerate(np.nonzero(where)))
+        return np.stack([x ** a * y ** b * z ** c for a, b, c in powers], axis=1)
+
+    terms = design(tissue)
+    kept = np.ones(log_ratio.shape, bool)
+    for _ in range(4):
+        coefficients = np.linalg.lstsq(terms[kept], log_ratio[kept], rcond=None)[0]
+        deviation = log_ratio - terms @ coefficients
+        spread = 1.4826 * np.median(np.abs(deviation[kept] - np.median(deviation[kept])))
+        kept = np.abs(deviation) < 2.5 * max(spread, 1e-6)
+    field = np.exp(design(np.ones(image.shape, bool)) @ coefficients).reshape(image.shape)
+    return field.astype(np.float32)
+
+
 def background_value(data: np.ndarray) -> float:
     """What fills the background: the minimum if it covers at least 5 % of the volume (a z-scored scan's
     background is negative), else 0 (scattered negative values are interpolation noise, not background)."""
