@@ -30,8 +30,8 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
 # tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):
 #   python tools/compare_patch_scales.py --data "$DATA" > Resources/patch-scales-validation.txt
-# Its intensity_field_degree (0 in the bundle) was measured by tools/compare_intensity_fields.py (~40 min for two
-# degrees; Resources/intensity-fields-validation.txt); not yet bundled, see that file.
+# Its intensity_field_degree (2, the default) was chosen by tools/compare_intensity_fields.py (~40 min for two
+# degrees; Resources/intensity-fields-validation.txt).
 uad train --model patch-retrieval --data "$DATA/healthy/ixi_t1" --out runs/patch-retrieval --cache "$CACHE" --seed 0
 uad train --model vqvae --data "$DATA/healthy/ixi_t1" --out runs/vqvae --cache "$CACHE" --seed 0 \
     --steps 4000 --batch-size 32 --lr 5e-4 --validate-every 500 --option 'channels=[16,32,64,64]'
@@ -49,7 +49,7 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-python tools/choose_fusion_weights.py --data "$DATA" --grid 0.4 0.5 0.6 0.7 0.8 | tee Resources/fusion-weights-validation.txt
+python tools/choose_fusion_weights.py --data "$DATA" --grid 0.3 0.4 0.5 0.6 | tee Resources/fusion-weights-validation.txt
 CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
 FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")

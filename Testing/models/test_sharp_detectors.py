@@ -151,13 +151,23 @@ def test_patch_retrieval_divides_out_a_scan_wide_intensity_field(patch_model):
     image, mask = healthy_like(9)
     darkening = np.broadcast_to(np.linspace(0.6, 1.0, image.shape[2], dtype=np.float32), image.shape)
     darkened = image * darkening
-    matched = build_model(PatchRetrievalConfig(neighbours=3, best_matches=1, intensity_field_degree=2))
+    matched, plain = (build_model(PatchRetrievalConfig(neighbours=3, best_matches=1, intensity_field_degree=degree))
+                      for degree in (2, 0))
     matched.load_state_dict(patch_model.state_dict())
+    plain.load_state_dict(patch_model.state_dict())
     as_it_should_be = matched.predict(image, mask).residual[mask].mean()
-    assert patch_model.predict(darkened, mask).residual[mask].mean() > 3 * as_it_should_be
+    assert plain.predict(darkened, mask).residual[mask].mean() > 3 * as_it_should_be
     prediction = matched.predict(darkened, mask)
     assert prediction.residual[mask].mean() < 1.5 * as_it_should_be
     assert np.abs(prediction.reconstruction - darkened)[mask].mean() < 0.05
+
+
+def test_patch_retrieval_checkpoint_from_before_the_field_option_keeps_no_field():
+    """Its statistics were fitted on uncorrected scans; correcting its inputs now would misread every scan."""
+    legacy = PatchRetrievalConfig().to_dict()
+    del legacy["intensity_field_degree"]
+    assert PatchRetrievalConfig.from_dict(legacy).intensity_field_degree == 0
+    assert PatchRetrievalConfig.from_dict(PatchRetrievalConfig().to_dict()).intensity_field_degree == 2
 
 
 def test_patch_retrieval_refuses_a_checkpoint_without_the_coarse_statistics(patch_model):
