@@ -83,6 +83,15 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
         yield "many small", modified, truth, mask
 
 
+def training_volumes(data: Path, cache: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(volumes, brain masks) of the training subjects, stacked: what `uad train` fits a training-free model on."""
+    subjects = find_subjects(data / "healthy/ixi_t1")
+    split = split_subjects([s.subject_id for s in subjects])
+    cached = prepare_cohort([s for s in subjects if s.subject_id in split.train], preprocessing, cache)
+    volumes, masks = map(np.stack, zip(*[load_cached(cached[i]) for i in split.train]))
+    return volumes, masks
+
+
 def score(filtered, post: PostprocessConfig, fpr: float) -> dict:
     """Pooled AUPRC and mean Dice at the threshold calibrated at ``fpr`` on the healthy cases, per kind of case, and
     their overall mean; ``filtered`` holds (kind, fused and filtered map, truth, brain) per case."""

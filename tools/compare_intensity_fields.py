@@ -29,10 +29,10 @@ from scipy import ndimage
 # One registration thread, as in `uad evaluate`: multi-threaded metric sums vary in order, and the volumes with them.
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
-from choose_fusion_weights import SPACING, score, validation_cases
+from choose_fusion_weights import SPACING, score, training_volumes, validation_cases
 
 from uad.checkpoint import load_checkpoint
-from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
+from uad.data import find_subjects, load_cached, prepare_cohort
 from uad.inference import resolve_checkpoint_path
 from uad.models import build_model
 from uad.models.fusion import fuse_maps
@@ -71,10 +71,7 @@ def main() -> None:
     bundled = load_checkpoint(resolve_checkpoint_path("patch-retrieval"))
     fusion = load_checkpoint(resolve_checkpoint_path("fusion")).model.config
     dae = load_checkpoint(resolve_checkpoint_path("dae")).model
-    subjects = find_subjects(args.data / "healthy/ixi_t1")
-    split = split_subjects([s.subject_id for s in subjects])
-    cached = prepare_cohort([s for s in subjects if s.subject_id in split.train], bundled.preprocessing, args.cache)
-    volumes, masks = map(np.stack, zip(*[load_cached(cached[i]) for i in split.train]))
+    volumes, masks = training_volumes(args.data, args.cache, bundled.preprocessing)
     fields = site_fields(args.data, args.cache, bundled.preprocessing, bundled.model.atlas["healthy_mean"])
     clean = list(validation_cases(args.data, args.cache))
     shifted = [(kind, np.clip(image * fields[number % len(fields)], 0, None) * mask, truth, mask)

@@ -23,10 +23,9 @@ import torch
 # One registration thread, as in `uad evaluate`: multi-threaded metric sums vary in order, and the volumes with them.
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
-from choose_fusion_weights import SPACING, score, validation_cases
+from choose_fusion_weights import SPACING, score, training_volumes, validation_cases
 
 from uad.checkpoint import load_checkpoint
-from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.inference import resolve_checkpoint_path
 from uad.models import build_model
 from uad.models.fusion import FusionConfig, fuse_maps
@@ -54,10 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     bundled = load_checkpoint(resolve_checkpoint_path("patch-retrieval"))
-    subjects = find_subjects(args.data / "healthy/ixi_t1")
-    split = split_subjects([s.subject_id for s in subjects])
-    cached = prepare_cohort([s for s in subjects if s.subject_id in split.train], bundled.preprocessing, args.cache)
-    volumes, masks = map(np.stack, zip(*[load_cached(cached[i]) for i in split.train]))
+    volumes, masks = training_volumes(args.data, args.cache, bundled.preprocessing)
 
     fine_only = build_model(replace(bundled.model.config, coarse_weight=0.0))
     fine_only.load_state_dict(bundled.model.state_dict())
