@@ -163,11 +163,13 @@ def test_patch_retrieval_divides_out_a_scan_wide_intensity_field(patch_model):
 
 
 def test_patch_retrieval_checkpoint_from_before_the_field_option_keeps_no_field():
-    """Its statistics were fitted on uncorrected scans; correcting its inputs now would misread every scan."""
+    """Its statistics were fitted on uncorrected scans; correcting its inputs now would misread every scan. A new
+    model (`uad train` without options) gets the bundled default."""
     legacy = PatchRetrievalConfig().to_dict()
     del legacy["intensity_field_degree"]
-    assert PatchRetrievalConfig.from_dict(legacy).intensity_field_degree == 0
-    assert PatchRetrievalConfig.from_dict(PatchRetrievalConfig().to_dict()).intensity_field_degree == 2
+    assert PatchRetrievalConfig.from_checkpoint(legacy).intensity_field_degree == 0
+    assert PatchRetrievalConfig.from_checkpoint(PatchRetrievalConfig().to_dict()).intensity_field_degree == 2
+    assert PatchRetrievalConfig.from_dict({}).intensity_field_degree == 2
 
 
 def test_patch_retrieval_refuses_a_checkpoint_without_the_coarse_statistics(patch_model):

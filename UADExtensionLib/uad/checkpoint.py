@@ -115,7 +115,7 @@ def checkpoint_from_dict(data: dict, sha256: str = "") -> Checkpoint:
     if data.get("format_version") != FORMAT_VERSION:
         raise UserInputError(f"checkpoint format {data.get('format_version')} is not supported by this uad version")
     spec = get_spec(data["model"]["name"])
-    model = build_model(spec.config_cls.from_dict(data["model"]["config"]))
+    model = build_model(spec.config_cls.from_checkpoint(data["model"]["config"]))
     model.load_state_dict(data["state_dict"])
     model.eval()
     return Checkpoint(

@@ -15,6 +15,8 @@ class ModelConfig:
     """Base of every model's config; subclasses add fields with defaults and set ``name``."""
 
     name: ClassVar[str] = ""
+    # Options a checkpoint saved before they existed was made without, where today's default differs.
+    predating_defaults: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -23,6 +25,11 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_checkpoint(cls, values: dict) -> ModelConfig:
+        """The config a saved checkpoint was made with (``from_dict`` is for new options: today's defaults)."""
+        return cls.from_dict({**cls.predating_defaults, **values})
 
 
 @dataclass

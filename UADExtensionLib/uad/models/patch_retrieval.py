@@ -71,11 +71,8 @@ class PatchRetrievalConfig(ModelConfig):
     # scans' mean (preprocessing.reference_intensity_field); 0 = none. Retrieval compares raw intensities, so a
     # scan whose brain N4 left darker at the bottom finds no healthy match anywhere there.
     intensity_field_degree: int = 2
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PatchRetrievalConfig:
-        # A checkpoint saved before the option existed had its statistics fitted without a field: keep it so.
-        return super().from_dict({"intensity_field_degree": 0, **values})
+    # Its statistics were fitted without a field: correcting its inputs now would misread every scan.
+    predating_defaults: ClassVar[dict] = {"intensity_field_degree": 0}
 
 
 @register(PatchRetrievalConfig)
