@@ -189,6 +189,32 @@ def test_uad_evaluate_runs_the_protocols_on_a_tiny_data_folder(tmp_path, capsys)
     assert f"| intensity | mslub/patient26 T1 | {case['lesion_ml']:.3f} | {case['flagged_ml']:.3f} |" in table
     assert f"intensity: SSIM {synthetic['ssim_ixi']:.3f}, AUROC {synthetic['auroc_pooled']:.3f}" in stdout
     assert io.imread(tmp_path / "fig.png").ndim == 3
+    assert "auprc_pooled_draws" not in synthetic  # the bootstrap draws stay in the cache, unpublished
+
+    # A result cached before the draws existed re-runs that protocol alone (the lesion cases' detect is slow).
+    cached_file = next((cache / "evaluation").glob("*.json"))
+    stored = json.loads(cached_file.read_text())
+    assert len(stored["synthetic"]["auprc_pooled_draws"]) == 1000
+    for key in ("revision", "auroc_pooled_draws", "auprc_pooled_draws"):
+        del stored["synthetic"][key]
+    stored["lesions"]["mslub/patient26 T1"]["dice"] = -1.0  # a marker that only a re-run would overwrite
+    cached_file.write_text(json.dumps(stored))
+    code, _, err = run_cli(capsys, "evaluate", "--data", str(data), "--models", "intensity", "--cache", str(cache),
+                           "--out", str(out), "--figure", "", "--results", str(results))
+    assert code == 0, err
+    again = json.loads(cached_file.read_text())
+    assert len(again["synthetic"]["auprc_pooled_draws"]) == 1000
+    assert again["synthetic"]["auprc_pooled"] == synthetic["auprc_pooled"]
+    assert again["lesions"]["mslub/patient26 T1"]["dice"] == -1.0
+
+
+def test_paired_difference_reads_the_same_resamples_of_both_models():
+    from uad.evaluation import paired_difference
+
+    baseline = {"auprc_pooled": 0.46, "auprc_pooled_draws": [0.40, 0.46, 0.50]}
+    model = {"auprc_pooled": 0.60, "auprc_pooled_draws": [0.50, 0.56, 0.80]}  # resample by resample: +0.1, +0.1, +0.3
+    assert paired_difference(model, baseline, "auprc_pooled") == "+0.140 [+0.100, +0.290]"
+    assert paired_difference(model, {"auprc_pooled": 0.46}, "auprc_pooled") == "–"  # cached before the draws
 
 
 def test_a_sites_own_threshold_is_set_on_one_half_and_measured_on_the_other(tmp_path):

@@ -221,3 +221,26 @@ def test_bootstrap_intervals_are_reproducible_and_widen_with_fewer_subjects():
     values = rng.normal(0.5, 0.1, size=40)
     interval = mean_interval(values)
     assert interval[0] < values.mean() < interval[1]
+
+
+def test_a_paired_interval_finds_a_consistent_gain_that_side_by_side_intervals_miss():
+    """Subjects differ far more than the two models do; the better one gains a little on every subject."""
+    from uad.metrics import histogram_edges, label_histograms, paired_difference_interval, pooled_intervals
+
+    rng = np.random.default_rng(5)
+    baseline, better = [], []
+    for shift in rng.uniform(0.3, 3.0, size=30):
+        scores = rng.normal(size=4000)
+        labels = rng.random(4000) < 0.05
+        baseline.append((scores + shift * labels, labels))
+        better.append((scores + (shift + 0.15) * labels, labels))
+
+    def intervals(subjects):
+        edges = histogram_edges(np.concatenate([s for s, _ in subjects]))
+        return pooled_intervals(np.stack([label_histograms(s, lab, edges) for s, lab in subjects]))
+
+    base, model = intervals(baseline), intervals(better)
+    assert model["auprc_ci"][0] < base["auprc_ci"][1]  # side by side they overlap
+    low, high = paired_difference_interval(model["auprc_draws"], base["auprc_draws"])
+    assert 0 < low < high
+    assert paired_difference_interval(base["auprc_draws"], base["auprc_draws"]) == [0.0, 0.0]

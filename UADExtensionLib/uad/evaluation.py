@@ -17,8 +17,11 @@ Masking models are evaluated at both mask sizes, each with its own calibrated th
 cached by weights SHA-256, so adding a model re-runs only that model.
 
 Every pooled AUROC / AUPRC and mean Dice comes with a 95 % bootstrap interval over subjects (a fixed seed:
-the same data give the same interval), and "beats" means the intervals do not overlap. ``uad evaluate`` runs
-registration single-threaded (see cli.py), so two runs on one machine give the same volumes and figures.
+the same data give the same interval), and "beats" means the intervals do not overlap. Beside it, the paired
+interval of the difference from ``intensity`` (the same resamples of the same subjects, subtracted): models scored
+on the same subjects share their hard subjects, so side-by-side intervals overstate how uncertain a difference is.
+``uad evaluate`` runs registration single-threaded (see cli.py), so two runs on one machine give the same volumes
+and figures.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from uad.metrics import (
     histogram_edges,
     label_histograms,
     mean_interval,
+    paired_difference_interval,
     pooled_intervals,
     slice_level_auroc,
     ssim_in_mask,
@@ -69,6 +73,9 @@ from uad.synthetic import add_synthetic_anomaly
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 3  # part of the result-cache key: bump when a protocol changes
+# Protocols whose stored results gained something since: a cached result of an older revision re-runs that protocol
+# alone (from the cached predictions), not every protocol of the model. 2: bootstrap draws for paired differences.
+PROTOCOL_REVISIONS = {"synthetic": 2, "stroke": 2, "small_stroke": 2, "many_small": 2}
 SPACING = (2.0, 2.0, 2.0)
 # (case folder under data/lesion, contrast file, brain mask file or None). T1 first: the main table.
 T1_CASES = (("mslub/patient26", "T1", None), ("tcga/TCGA-DU-7294", "T1", None))
@@ -245,6 +252,8 @@ def evaluate_synthetic(variant: Variant, ixi_test: dict, mass: dict, seed: int, 
         "auprc_pooled": pooled["auprc"],
         "auroc_pooled_ci": pooled["auroc_ci"],
         "auprc_pooled_ci": pooled["auprc_ci"],
+        "auroc_pooled_draws": pooled["auroc_draws"],
+        "auprc_pooled_draws": pooled["auprc_draws"],
         "dice_mean": float(np.mean(subject_dices)),
         "dice_mean_ci": mean_interval(subject_dices),
         "threshold": post.threshold,
@@ -316,6 +325,8 @@ def evaluate_stroke_shapes(variant: Variant, ixi_test: dict, shapes: list[Path],
         "auprc": pooled["auprc"],
         "auroc_ci": pooled["auroc_ci"],
         "auprc_ci": pooled["auprc_ci"],
+        "auroc_draws": pooled["auroc_draws"],
+        "auprc_draws": pooled["auprc_draws"],
         "dice_mean": float(np.mean(dices)),
         "dice_mean_ci": mean_interval(dices),
         "best_dice": best_dice(pooled_scores, pooled_labels, n_thresholds=None if draw.rare else 200)[0],
@@ -461,8 +472,12 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
             cache_path = _result_cache_path(config, variant)
             result = json.loads(cache_path.read_text()) if cache_path.exists() else {}
             for protocol in PROTOCOLS:
-                if protocol not in result:  # each protocol is kept as soon as it is done: an interrupted run resumes
+                # Each protocol is kept as soon as it is done: an interrupted run resumes.
+                stale = result.get(protocol, {}).get("revision", 1) < PROTOCOL_REVISIONS.get(protocol, 1)
+                if protocol not in result or stale:
                     result[protocol] = run_protocol(protocol, variant, held_out, config)
+                    if protocol in PROTOCOL_REVISIONS and result[protocol]:
+                        result[protocol]["revision"] = PROTOCOL_REVISIONS[protocol]
                     _write_json(cache_path, result)
             results[variant.label] = result
         figure_columns.append(_figure_column(variants_of(checkpoint, path, config.mask_sizes_mm, predictions_dir)[0],
@@ -471,7 +486,7 @@ def evaluate(config: EvaluationConfig) -> dict[str, dict]:
     if figure_columns and config.figure:
         save_model_comparison(config.figure, figure_columns)
     if config.results_json:
-        Path(config.results_json).write_text(json.dumps(_without_slice_lists(results), indent=1) + "\n")
+        Path(config.results_json).write_text(json.dumps(_without_long_lists(results), indent=1) + "\n")
     figure_labels = [column["label"] for column in figure_columns]
     for section, markdown in _markdown(results, config, figure_labels).items():
         update_section(config.out, section, markdown)
@@ -491,11 +506,15 @@ def _write_json(path: Path, value) -> None:
     tmp.replace(path)
 
 
-def _without_slice_lists(results: dict) -> dict:
-    """Results minus the per-slice score lists (kept in the cache for pooling, too long to publish)."""
+LONG_LISTS = ("slice_scores", "slice_truth", "auroc_draws", "auprc_draws", "auroc_pooled_draws", "auprc_pooled_draws")
+
+
+def _without_long_lists(results: dict) -> dict:
+    """Results minus the per-slice scores and bootstrap draws (kept in the cache for pooling and paired
+    comparisons, too long to publish)."""
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in ("slice_scores", "slice_truth")}
+            return {k: strip(v) for k, v in value.items() if k not in LONG_LISTS}
         return value
     return strip(results)
 
@@ -565,9 +584,12 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
     for label, r in synthetic.items():
         beats = "–" if baseline is None or label == "intensity" else (
             "yes" if all(beats_outside_intervals(r, baseline, f"{m}_pooled") for m in ("auroc", "auprc")) else "**no**")
+        paired = "; ".join(paired_difference(r, baseline, f"{m}_pooled") for m in ("auroc", "auprc")) \
+            if baseline is not None and label != "intensity" else "–"
         rows.append([label, r["ssim_ixi"], r["ssim_mass"], r["auroc_mean"], r["auprc_mean"],
                      with_interval(r, "auroc_pooled"), with_interval(r, "auprc_pooled"), with_interval(r, "dice_mean"),
-                     f"{r['threshold']:.4g}", f"{r['flagged_ml_ixi']:.1f}", f"{r['flagged_ml_mass']:.1f}", beats])
+                     f"{r['threshold']:.4g}", f"{r['flagged_ml_ixi']:.1f}", f"{r['flagged_ml_mass']:.1f}", beats,
+                     paired])
     if not synthetic:
         return "\n".join(["## Synthetic anomalies (Malé et al. protocol; EVALUATION.md protocol 1)", "", *shared])
     first = next(iter(synthetic.values()))
@@ -594,11 +616,14 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
         "pooled over all cases. Dice: segmentation at the model's calibrated threshold (1 % healthy-voxel FPR on "
         "validation subjects), default post-processing, mean over subjects. Intervals: 95 % bootstrap over subjects "
         "(1000 resamples, fixed seed). Beats intensity: the pooled AUROC and AUPRC intervals both lie entirely above "
-        "the `intensity` baseline's on the same cases.",
+        "the `intensity` baseline's on the same cases. Paired: the model's pooled AUROC and AUPRC minus "
+        "`intensity`'s over the same 1000 resamples of the same subjects, and the 95 % interval of that difference "
+        "(above 0: better on these subjects beyond the resampling noise).",
         "",
         table(["model", "SSIM IXI", "SSIM MASS", "AUROC (mean)", "AUPRC (mean)", "AUROC (pooled) [95 % CI]",
                "AUPRC (pooled) [95 % CI]", "Dice @ calibrated [95 % CI]", "threshold", "flagged ml, healthy IXI",
-               "flagged ml, healthy MASS", "beats intensity"], rows),
+               "flagged ml, healthy MASS", "beats intensity", "paired Δ vs intensity: AUROC; AUPRC [95 % CI]"],
+              rows),
         "",
         *shared,
         "",
@@ -619,6 +644,16 @@ def with_interval(result: dict, key: str) -> str:
     return f"{value} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else value
 
 
+def paired_difference(result: dict, baseline: dict, key: str) -> str:
+    """``+0.178 [+0.121, +0.236]``: ``result`` minus ``baseline`` for ``key`` and the paired interval of the
+    difference, from their bootstrap draws; "–" when either lacks draws (e.g. evaluated on other subjects)."""
+    draws, baseline_draws = result.get(f"{key}_draws"), baseline.get(f"{key}_draws")
+    if not draws or not baseline_draws or len(draws) != len(baseline_draws):
+        return "–"
+    low, high = paired_difference_interval(draws, baseline_draws)
+    return f"{result[key] - baseline[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def beats_outside_intervals(result: dict, baseline: dict, key: str) -> bool:
     """True when ``result``'s interval for ``key`` lies wholly above ``baseline``'s (a claim the noise can't make)."""
     return result[f"{key}_ci"][0] > baseline[f"{key}_ci"][1]
@@ -631,8 +666,10 @@ def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str =
              "many_small": "Many small lesion shapes in one scan (protocol 2, MS-like)"}[key]
     if not stroke:
         return f"## {title}\n\nNo lesion shapes found in the data folder."
-    rows = [[label, with_interval(r, "auroc"), with_interval(r, "auprc"), with_interval(r, "dice_mean"),
-             r["best_dice"], r["slice_auroc"]] for label, r in stroke.items()]
+    baseline = stroke.get("intensity")
+    rows = [[label, with_interval(r, "auroc"), with_interval(r, "auprc"),
+             paired_difference(r, baseline, "auprc") if baseline is not None and label != "intensity" else "–",
+             with_interval(r, "dice_mean"), r["best_dice"], r["slice_auroc"]] for label, r in stroke.items()]
     cases = next(iter(stroke.values()))["cases"]
     drawn = {
         "stroke": f"One real stroke-lesion mask (SOOP, MNI space, ≥ 1 ml inside the brain) per held-out IXI test "
@@ -654,10 +691,12 @@ def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str =
         f"over {'every score' if rare else '200 quantiles'} of the pooled map (an upper bound that peeks at the "
         "labels); slice AUROC (Georgescu) "
         "over the working grid's axial slices with brain, pooled over cases, scored by the model's own slice score "
-        "where it has one (mae-classifier), else by the 99th percentile of the map in the slice.",
+        "where it has one (mae-classifier), else by the 99th percentile of the map in the slice. Paired Δ: the "
+        "model's pooled AUPRC minus `intensity`'s, with the 95 % interval of that difference over the same bootstrap "
+        "resamples of the same subjects.",
         "",
-        table(["model", "AUROC [95 % CI]", "AUPRC [95 % CI]", "Dice @ calibrated [95 % CI]", "best Dice (oracle)",
-               "slice AUROC"], rows),
+        table(["model", "AUROC [95 % CI]", "AUPRC [95 % CI]", "paired Δ AUPRC vs intensity [95 % CI]",
+               "Dice @ calibrated [95 % CI]", "best Dice (oracle)", "slice AUROC"], rows),
     ])
 
 

@@ -204,24 +204,44 @@ def binned_auroc_auprc(histograms: np.ndarray) -> tuple[float, float]:
     return 1.0 - roc, float(np.sum(positives / n_positive * precision))
 
 
-def bootstrap_interval(values: np.ndarray, statistic, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95 % percentile interval of ``statistic(values[resampled subjects])``; ``values`` has one row per subject.
+def bootstrap_draws(values: np.ndarray, statistic, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``statistic(values[resampled subjects])`` per resample; ``values`` has one row per subject.
 
-    The seed is fixed, so the same per-subject values always give the same interval.
+    The seed is fixed, so resample k draws the same subjects for every model evaluated on the same subjects: the
+    draws of two models can be subtracted (paired_difference_interval).
     """
     values = np.asarray(values)
     rng = np.random.default_rng(seed)
-    draws = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
-    low, high = np.nanpercentile(np.asarray(draws, np.float64), [2.5, 97.5], axis=0)
+    return np.asarray([statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)],
+                      np.float64)
+
+
+def bootstrap_interval(values: np.ndarray, statistic, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95 % percentile interval of ``statistic(values[resampled subjects])``; ``values`` has one row per subject."""
+    low, high = np.nanpercentile(bootstrap_draws(values, statistic, resamples, seed), [2.5, 97.5], axis=0)
     return low, high
 
 
 def pooled_intervals(per_subject_histograms: np.ndarray) -> dict[str, list[float]]:
-    """95 % intervals of pooled AUROC and AUPRC over subjects, from (subjects, 2, bins) histograms."""
-    low, high = bootstrap_interval(per_subject_histograms,
-                                   lambda h: np.array(binned_auroc_auprc(h.sum(axis=0))))
-    return {"auroc_ci": [float(low[0]), float(high[0])], "auprc_ci": [float(low[1]), float(high[1])]}
+    """95 % intervals of pooled AUROC and AUPRC over subjects, from (subjects, 2, bins) histograms, and the
+    bootstrap draws they come from (``auroc_draws``, ``auprc_draws``) for paired comparisons."""
+    draws = bootstrap_draws(per_subject_histograms, lambda h: np.array(binned_auroc_auprc(h.sum(axis=0))))
+    (auroc_low, auprc_low), (auroc_high, auprc_high) = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    return {"auroc_ci": [float(auroc_low), float(auroc_high)], "auprc_ci": [float(auprc_low), float(auprc_high)],
+            "auroc_draws": np.round(draws[:, 0], 6).tolist(), "auprc_draws": np.round(draws[:, 1], 6).tolist()}
+
+
+def paired_difference_interval(draws: list[float], baseline_draws: list[float]) -> list[float]:
+    """95 % interval of (model - baseline) over the same bootstrap resamples of the same subjects.
+
+    Two models scored on the same subjects are correlated: a hard subject is hard for both. Whether one beats the
+    other is a question about their difference, whose interval is narrower than the two intervals side by side.
+    """
+    difference = np.asarray(draws, np.float64) - np.asarray(baseline_draws, np.float64)
+    low, high = np.nanpercentile(difference, [2.5, 97.5])
+    return [float(low), float(high)]
 
 
 def mean_interval(per_subject_values: np.ndarray) -> list[float]:
