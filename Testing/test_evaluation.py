@@ -213,8 +213,9 @@ def test_paired_difference_reads_the_same_resamples_of_both_models():
 
     baseline = {"auprc_pooled": 0.46, "auprc_pooled_draws": [0.40, 0.46, 0.50]}
     model = {"auprc_pooled": 0.60, "auprc_pooled_draws": [0.50, 0.56, 0.80]}  # resample by resample: +0.1, +0.1, +0.3
-    assert paired_difference(model, baseline, "auprc_pooled") == "+0.140 [+0.100, +0.290]"
-    assert paired_difference(model, {"auprc_pooled": 0.46}, "auprc_pooled") == "–"  # cached before the draws
+    assert paired_difference(model, baseline, ("auprc_pooled",)) == "+0.140 [+0.100, +0.290]"
+    assert paired_difference(model, {"auprc_pooled": 0.46}, ("auprc_pooled",)) == "–"  # cached before the draws
+    assert paired_difference(baseline, baseline, ("auprc_pooled",)) == "–"  # the baseline's own row
 
 
 def test_a_sites_own_threshold_is_set_on_one_half_and_measured_on_the_other(tmp_path):

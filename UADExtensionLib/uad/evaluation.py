@@ -584,12 +584,10 @@ def _synthetic_markdown(results: dict[str, dict], provenance: list[str], config:
     for label, r in synthetic.items():
         beats = "–" if baseline is None or label == "intensity" else (
             "yes" if all(beats_outside_intervals(r, baseline, f"{m}_pooled") for m in ("auroc", "auprc")) else "**no**")
-        paired = "; ".join(paired_difference(r, baseline, f"{m}_pooled") for m in ("auroc", "auprc")) \
-            if baseline is not None and label != "intensity" else "–"
         rows.append([label, r["ssim_ixi"], r["ssim_mass"], r["auroc_mean"], r["auprc_mean"],
                      with_interval(r, "auroc_pooled"), with_interval(r, "auprc_pooled"), with_interval(r, "dice_mean"),
                      f"{r['threshold']:.4g}", f"{r['flagged_ml_ixi']:.1f}", f"{r['flagged_ml_mass']:.1f}", beats,
-                     paired])
+                     paired_difference(r, baseline, ("auroc_pooled", "auprc_pooled"))])
     if not synthetic:
         return "\n".join(["## Synthetic anomalies (Malé et al. protocol; EVALUATION.md protocol 1)", "", *shared])
     first = next(iter(synthetic.values()))
@@ -644,14 +642,20 @@ def with_interval(result: dict, key: str) -> str:
     return f"{value} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else value
 
 
-def paired_difference(result: dict, baseline: dict, key: str) -> str:
-    """``+0.178 [+0.121, +0.236]``: ``result`` minus ``baseline`` for ``key`` and the paired interval of the
-    difference, from their bootstrap draws; "–" when either lacks draws (e.g. evaluated on other subjects)."""
-    draws, baseline_draws = result.get(f"{key}_draws"), baseline.get(f"{key}_draws")
-    if not draws or not baseline_draws or len(draws) != len(baseline_draws):
+def paired_difference(result: dict, baseline: dict | None, keys: tuple[str, ...]) -> str:
+    """``+0.178 [+0.121, +0.236]`` per key, joined by "; ": ``result`` minus ``baseline`` and the paired interval of
+    the difference, from their bootstrap draws. "–" for the baseline itself, without a baseline, or when either lacks
+    draws (a result cached before they were kept)."""
+    if baseline is None or result is baseline:
         return "–"
-    low, high = paired_difference_interval(draws, baseline_draws)
-    return f"{result[key] - baseline[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+    figures = []
+    for key in keys:
+        draws, baseline_draws = result.get(f"{key}_draws"), baseline.get(f"{key}_draws")
+        if not draws or not baseline_draws or len(draws) != len(baseline_draws):
+            return "–"
+        low, high = paired_difference_interval(draws, baseline_draws)
+        figures.append(f"{result[key] - baseline[key]:+.3f} [{low:+.3f}, {high:+.3f}]")
+    return "; ".join(figures)
 
 
 def beats_outside_intervals(result: dict, baseline: dict, key: str) -> bool:
@@ -668,7 +672,7 @@ def _stroke_markdown(results: dict[str, dict], provenance: list[str], key: str =
         return f"## {title}\n\nNo lesion shapes found in the data folder."
     baseline = stroke.get("intensity")
     rows = [[label, with_interval(r, "auroc"), with_interval(r, "auprc"),
-             paired_difference(r, baseline, "auprc") if baseline is not None and label != "intensity" else "–",
+             paired_difference(r, baseline, ("auprc",)),
              with_interval(r, "dice_mean"), r["best_dice"], r["slice_auroc"]] for label, r in stroke.items()]
     cases = next(iter(stroke.values()))["cases"]
     drawn = {
