@@ -1,7 +1,12 @@
 """Choose the fusion model's member weights, smoothing and median filter on the VALIDATION subjects (never test
 subjects, never lesion cases); stricter thresholds are scored beside them for information.
 
-    python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval
+    python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval \
+        --sigmas 0 --medians 0 --anchors 0.2 0.5 0.8 --anchor-grid 0.3,0.4,0.5 0.2,0.3 0.6,0.7
+
+is the run behind the bundled fusion (Resources/fusion-weights-validation.txt). Its Gaussian and median filter
+stay off: the full grid over both, run before the anchors existed, chose them off (that file's git history). With
+``--anchors`` the first member's weight may also follow the voxel's intensity (``FusionConfig.intensity_anchors``).
 
 Each member's z-scored map is computed once per case. Per validation subject: two synthetic anomalies (as the
 training loop's validation score draws them, but centred on a fixed template mask, as `uad evaluate` does), one
@@ -18,13 +23,14 @@ The choice is made at one operating point, ``--fpr`` (default 1 %, the project's
 rates are scored for information only. Stricter rates win on these painted lesions at every contrast, yet a fusion
 refitted at 0.1 % lost most of its Dice on the real MS and glioma T1 scans: painted shapes, even faint ones, stand
 out more than real lesions do, so they are not trusted to move the operating point. Prints a table and the choice,
-to pass to ``uad train --model fusion --option 'weights=[...]' --option 'smoothing_sigma_voxels=...' --median-mm ...
---fpr ...``.
+to pass to ``uad train --model fusion --option 'weights=[...]' --option 'intensity_anchors=[...]' --option
+'anchor_weights=[[...], ...]' --option 'smoothing_sigma_voxels=...' --median-mm ... --fpr ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import zlib
@@ -123,33 +129,58 @@ def main() -> None:
                         help="Gaussian smoothing of the fused map, in working-grid voxels")
     parser.add_argument("--medians", type=float, nargs="+", default=[0.0, 5.0],
                         help="median filter widths (mm) to try before thresholding")
+    parser.add_argument("--anchors", type=float, nargs="*", default=[],
+                        help="intensities (units of the brain's 99th percentile) at which the first member's weight "
+                             "may differ, e.g. 0.2 0.5 0.8 (CSF-, grey- and white-matter-like)")
+    parser.add_argument("--anchor-grid", nargs="*", default=[],
+                        help="one comma-separated list of the first member's weights per anchor, e.g. 0.3,0.4 0.2 0.7")
     parser.add_argument("--fpr", type=float, default=0.01,
                         help="healthy-voxel false-positive rate of the operating point the choice is made at")
     parser.add_argument("--fprs", type=float, nargs="+", default=[0.005, 0.0025, 0.001],
                         help="other false-positive rates to score, for information")
     args = parser.parse_args()
+    if len(args.anchor_grid) != len(args.anchors):
+        parser.error("--anchor-grid needs one list of weights per --anchors value")
     rates = sorted({args.fpr, *args.fprs}, reverse=True)
     members = [load_checkpoint(resolve_checkpoint_path(name)).model for name in args.members]
-    cases = [(kind, [m.predict(image, mask).anomaly_map for m in members], truth, mask)
+    cases = [(kind, [m.predict(image, mask).anomaly_map for m in members], truth, mask, image)
              for kind, image, truth, mask in validation_cases(args.data, args.cache)]
-    scores = {}
+    scores, configs = {}, {}
     for median in args.medians:
         post = PostprocessConfig(threshold=0.0, median_mm=median)
         for sigma in args.sigmas:
-            for weight in args.grid:  # weight of the first member; the second gets 1 - weight
-                config = FusionConfig(members=tuple(args.members), weights=(weight, round(1 - weight, 4)),
-                                      smoothing_sigma_voxels=sigma)
-                filtered = [(kind, median_filter(fuse_maps(maps, mask, config), mask, SPACING, median), truth, mask)
-                            for kind, maps, truth, mask in cases]
+            for label, weighting in weightings(args):
+                config = FusionConfig(members=tuple(args.members), smoothing_sigma_voxels=sigma, **weighting)
+                filtered = [(kind, median_filter(fuse_maps(maps, mask, config, image), mask, SPACING, median), truth,
+                             mask) for kind, maps, truth, mask, image in cases]
                 for fpr in rates:
-                    scores[(weight, sigma, median, fpr)] = result = score(filtered, post, fpr)
-                    print(f"weight {weight:.2f} on {args.members[0]}, sigma {sigma:.2f}, median {median:g} mm, "
-                          f"FPR {fpr:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
-    weight, sigma, median, fpr = max((key for key in scores if key[3] == args.fpr), key=lambda key: scores[key]["mean"])
-    print(json.dumps({"members": args.members, "weights": [weight, round(1 - weight, 4)],
-                      "smoothing_sigma_voxels": sigma, "median_mm": median, "fpr": fpr,
-                      "validation": scores[(weight, sigma, median, fpr)]}))
+                    key = (label, sigma, median, fpr)
+                    scores[key], configs[key] = score(filtered, post, fpr), config
+                    print(f"weight {label} on {args.members[0]}, sigma {sigma:.2f}, median {median:g} mm, "
+                          f"FPR {fpr:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores[key].items()), flush=True)
+    best = max((key for key in scores if key[3] == args.fpr), key=lambda key: scores[key]["mean"])
+    config = configs[best]
+    print(json.dumps({"members": args.members, "weights": list(config.weights),
+                      "intensity_anchors": list(config.intensity_anchors),
+                      "anchor_weights": [list(row) for row in config.anchor_weights],
+                      "smoothing_sigma_voxels": best[1], "median_mm": best[2], "fpr": best[3],
+                      "validation": scores[best]}))
 
+
+def weightings(args) -> list[tuple[str, dict]]:
+    """(label, FusionConfig weight fields) of every weighting on the grid: the first member's weight everywhere
+    (``--grid``), then, with ``--anchors``, every combination of its weight at each anchor (``--anchor-grid``)."""
+    def pair(weight: float) -> tuple[float, float]:
+        return weight, round(1 - weight, 4)
+
+    found = [(f"{w:.2f}", {"weights": pair(w)}) for w in args.grid]
+    for combination in itertools.product(*[[float(w) for w in ws.split(",")] for ws in args.anchor_grid]):
+        label = " ".join(f"{w:.2f}@{a:g}" for w, a in zip(combination, args.anchors))
+        # ``weights`` is unused where anchors are given; the anchors' mean shows the overall balance.
+        found.append((label, {"weights": pair(round(float(np.mean(combination)), 4)),
+                              "intensity_anchors": tuple(args.anchors),
+                              "anchor_weights": tuple(pair(w) for w in combination)}))
+    return found
 
 if __name__ == "__main__":
     main()

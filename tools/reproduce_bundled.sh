@@ -49,14 +49,18 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-python tools/choose_fusion_weights.py --data "$DATA" --grid 0.3 0.4 0.5 0.6 | tee Resources/fusion-weights-validation.txt
+python tools/choose_fusion_weights.py --data "$DATA" --sigmas 0 --medians 0 --anchors 0.2 0.5 0.8 \
+    --anchor-grid 0.3,0.4,0.5 0.2,0.3 0.6,0.7 | tee Resources/fusion-weights-validation.txt
 CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
+FUSION_ANCHORS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['intensity_anchors'])")
+FUSION_ROWS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['anchor_weights'])")
 FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")
 FUSION_MEDIAN=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['median_mm'])")
 FUSION_FPR=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['fpr'])")
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option "weights=$FUSION_WEIGHTS" \
+    --option "intensity_anchors=$FUSION_ANCHORS" --option "anchor_weights=$FUSION_ROWS" \
     --option "smoothing_sigma_voxels=$FUSION_SIGMA" --median-mm "$FUSION_MEDIAN" \
     --fpr "$FUSION_FPR"
 python tools/bundle_weights.py runs/fusion --default fusion

@@ -210,6 +210,48 @@ def test_fusion_smoothing_removes_a_speck_keeps_a_lesion_and_stays_inside_the_br
     np.testing.assert_allclose(fuse_maps([lesion, speck], brain, unsmoothed), 0.7 * lesion + 0.3 * speck)
 
 
+def test_fusion_weights_follow_the_voxels_intensity_between_anchors():
+    """White-matter-like voxels take the first member's map at its white-matter weight, grey-matter-like ones at
+    the grey-matter weight, intensities between anchors a linear blend; the scale is the brain's 99th percentile,
+    so a scan twice as bright fuses the same."""
+    brain = np.zeros((20, 20, 20), bool)
+    brain[2:18, 2:18, 2:18] = True
+    image = np.where(brain, 0.5, 0.0).astype(np.float32)  # grey-matter-like
+    image[2:18, 2:18, 10:18] = 1.0  # white-matter-like (the brain's 99th percentile)
+    image[2:18, 2:18, 9] = 0.75  # half way between the two anchors
+    first, second = np.full(brain.shape, 10.0, np.float32), np.zeros(brain.shape, np.float32)
+    config = FusionConfig(members=("a", "b"), weights=(0.5, 0.5), intensity_anchors=(0.5, 1.0),
+                          anchor_weights=((0.2, 0.8), (0.7, 0.3)))
+    fused = fuse_maps([first, second], brain, config, image)
+    assert fused[10, 10, 5] == pytest.approx(2.0)  # grey matter: 0.2 x 10
+    assert fused[10, 10, 14] == pytest.approx(7.0)  # white matter: 0.7 x 10
+    assert fused[10, 10, 9] == pytest.approx(4.5)  # between: 0.45 x 10
+    assert not fused[~brain].any()
+    np.testing.assert_allclose(fuse_maps([first, second], brain, config, 2 * image), fused, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the image"):
+        fuse_maps([first, second], brain, config)
+
+
+def test_fusion_with_intensity_anchors_survives_its_checkpoint_and_refuses_malformed_rows(tmp_path):
+    from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from uad.preprocessing import PreprocessConfig
+
+    image, mask = healthy_like(3)
+    config = FusionConfig(members=("intensity", "intensity"), weights=(0.5, 0.5), intensity_anchors=(0.3, 0.8),
+                          anchor_weights=((0.2, 0.8), (0.7, 0.3)))
+    path = tmp_path / "fusion.pt"
+    sha256 = save_checkpoint(Checkpoint(model=build_model(config), preprocessing=PreprocessConfig()), path)
+    loaded = load_checkpoint(path, expected_sha256=sha256).model
+    assert loaded.config.anchor_weights == ((0.2, 0.8), (0.7, 0.3))
+    np.testing.assert_array_equal(loaded.predict(image, mask).anomaly_map,
+                                  build_model(config).predict(image, mask).anomaly_map)
+    for anchors, rows in (((0.3, 0.8), ((0.2, 0.8),)), ((0.8, 0.3), ((0.2, 0.8), (0.7, 0.3))),
+                          ((0.3, 0.8), ((0.2,), (0.7, 0.3)))):
+        with pytest.raises(UserInputError, match="intensity_anchors must increase"):
+            build_model(FusionConfig(members=("a", "b"), weights=(0.5, 0.5), intensity_anchors=anchors,
+                                     anchor_weights=rows))
+
+
 def test_fitted_fusion_flags_nothing_where_no_healthy_training_scan_had_brain(tmp_path):
     """A scan whose brain reaches beyond the training brains (another site's stripping) is scored only where the
     members' healthy statistics exist, and the support survives saving and loading the checkpoint."""

@@ -127,7 +127,7 @@ class Variant:
         if isinstance(model, FusionModel):  # its members' maps of the same case are usually computed already
             predictions = [_stored_predict(member, sha, image, mask, px, self.predictions_dir)
                            for member, sha in zip(model.load_members(), model.member_files)]
-            return model.combine(predictions, mask)
+            return model.combine(predictions, image, mask)
         if self.predictions_dir and model.config.name in _STORED_MODELS:
             return _stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
         return predict_with_mask_mode(model, image, mask, px, self.mask_mode)

@@ -1,4 +1,4 @@
-"""Fusion: a weighted sum of other bundled models' z-scored anomaly maps.
+"""Fusion: a weighted sum of other bundled models' z-scored anomaly maps, the weights optionally following intensity.
 
 Detectors that fail differently add up (EVALUATION.md): the denoising autoencoder sees texture and contrast
 changes but leaves noise-sized blobs on healthy brains; patch retrieval is clean away from lesions but can copy
@@ -11,6 +11,14 @@ the bundled fusion uses no Gaussian either (Resources/fusion-weights-validation.
 width and the median filter were chosen on the validation subjects (synthetic anomalies, stroke shapes, small stroke
 shapes and scans with many small ones; never lesion cases) by AUPRC and by Dice at the healthy-calibrated
 threshold, and the threshold is calibrated on healthy validation brains like any other model's.
+
+The members are not equally good everywhere: the DAE lights up cortical edges that patch retrieval explains, and
+patch retrieval passes over flat, tissue-like fills in white matter that the DAE sees. So the weights may follow
+the voxel's own intensity (``intensity_anchors``, in units of the brain's 99th percentile, and one row of member
+weights per anchor, interpolated linearly in between): on the validation cases a DAE weight of 0.5 at CSF-like,
+0.2 at grey-matter-like and 0.7 at white-matter-like intensity scored 0.483 against 0.458 for one weight everywhere
+(Resources/fusion-weights-validation.txt). A lesion's voxels take the weights of the intensity they have, not of the
+tissue they replaced, which is what the validation lesions (painted darker than the tissue) measured.
 
 The members are not copied into this checkpoint (that would double the package): it names them and records
 their SHA-256, and loading verifies that the bundled files are exactly those the fusion was fitted with.
@@ -41,13 +49,21 @@ class FusionConfig(ModelConfig):
     smoothing_sigma_voxels: float = 0.0
     grid_shape: tuple[int, int, int] = (80, 96, 80)
     member_sha256: tuple[str, ...] = ()  # filled when fitted: the exact member files the weights were chosen for
+    # Weights that follow the voxel's intensity (see the module docstring); empty: ``weights`` everywhere.
+    intensity_anchors: tuple[float, ...] = ()  # increasing, in units of the brain's 99th percentile
+    anchor_weights: tuple[tuple[float, ...], ...] = ()  # one row of member weights per anchor
+
+    def __post_init__(self) -> None:
+        # A checkpoint's JSON-like config gives the rows as lists.
+        object.__setattr__(self, "anchor_weights", tuple(tuple(row) for row in self.anchor_weights))
 
 
 @register(FusionConfig)
 class FusionModel(AnomalyModel):
     trainable = False
     family = "fusion"
-    description = "Fusion: weighted sum of the denoising autoencoder's and patch retrieval's z-scored maps."
+    description = ("Fusion: weighted sum of the denoising autoencoder's and patch retrieval's z-scored maps, the "
+                   "weights following each voxel's intensity (more DAE in white matter, more retrieval in grey).")
 
     config: FusionConfig
 
@@ -56,6 +72,13 @@ class FusionModel(AnomalyModel):
         if len(config.members) != len(config.weights) or not config.members:
             raise UserInputError(f"fusion needs one weight per member; got members {list(config.members)} and "
                                  f"weights {list(config.weights)}")
+        anchors = config.intensity_anchors
+        if (len(config.anchor_weights) != len(anchors) or any(len(row) != len(config.members)
+                                                              for row in config.anchor_weights)
+                or list(anchors) != sorted(set(anchors))):
+            raise UserInputError(f"fusion's intensity_anchors must increase, with one row of {len(config.members)} "
+                                 f"member weights each in anchor_weights; got anchors {list(anchors)} and rows "
+                                 f"{[list(row) for row in config.anchor_weights]}")
         self.config = config
         # Plain lists, not a ModuleList: the members' weights must not be saved into this checkpoint.
         self.members: list = []
@@ -105,19 +128,34 @@ class FusionModel(AnomalyModel):
             step = (lambda f, i=index: progress((i + f) / len(members))) if progress else None
             predictions.append(member.predict(image, brain_mask, mask_size_px=mask_size_px, batch_size=batch_size,
                                               progress=step))
-        return self.combine(predictions, brain_mask)
+        return self.combine(predictions, image, brain_mask)
 
-    def combine(self, predictions: list[Prediction], brain_mask: np.ndarray) -> Prediction:
+    def combine(self, predictions: list[Prediction], image: np.ndarray, brain_mask: np.ndarray) -> Prediction:
         """The fused prediction from the members' own (in member order); the evaluation reuses members' maps."""
         region = (brain_mask > 0) & self.support.cpu().numpy()
-        fused = fuse_maps([p.anomaly_map for p in predictions], region, self.config)
+        fused = fuse_maps([p.anomaly_map for p in predictions], region, self.config, image)
         first = predictions[0]
         return Prediction(reconstruction=first.reconstruction, residual=first.residual, anomaly_map=fused)
 
 
-def fuse_maps(maps: list[np.ndarray], region: np.ndarray, config: FusionConfig) -> np.ndarray:
-    """The weighted sum of the members' maps, smoothed, and zero outside ``region`` (the brain)."""
-    fused = sum(w * np.asarray(m, np.float32) for w, m in zip(config.weights, maps))
+def fuse_maps(maps: list[np.ndarray], region: np.ndarray, config: FusionConfig,
+              image: np.ndarray | None = None) -> np.ndarray:
+    """The weighted sum of the members' maps, smoothed, and zero outside ``region`` (the brain); ``image`` (the
+    working-grid scan) is needed when the weights follow intensity."""
+    fused = sum(w * np.asarray(m, np.float32) for w, m in zip(member_weights(config, image, region), maps))
     if config.smoothing_sigma_voxels > 0:
         fused = ndimage.gaussian_filter(fused, config.smoothing_sigma_voxels)
     return np.asarray(fused * (region > 0), np.float32)
+
+
+def member_weights(config: FusionConfig, image: np.ndarray | None, region: np.ndarray) -> list:
+    """Each member's weight: a number, or a voxel-wise array where the weights follow intensity."""
+    if not config.intensity_anchors:
+        return list(config.weights)
+    if image is None:
+        raise ValueError("this fusion's weights follow intensity: fuse_maps needs the image")
+    brain = region > 0
+    reference = np.percentile(image[brain], 99) if brain.any() else 1.0
+    intensity = np.asarray(image, np.float32) / max(float(reference), 1e-6)
+    return [np.interp(intensity, config.intensity_anchors, column).astype(np.float32)
+            for column in zip(*config.anchor_weights)]
