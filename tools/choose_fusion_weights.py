@@ -182,5 +182,6 @@ def weightings(args) -> list[tuple[str, dict]]:
                               "anchor_weights": tuple(pair(w) for w in combination)}))
     return found
 
+
 if __name__ == "__main__":
     main()
