@@ -154,6 +154,8 @@ def member_weights(config: FusionConfig, image: np.ndarray | None, region: np.nd
         return list(config.weights)
     if image is None:
         raise ValueError("this fusion's weights follow intensity: fuse_maps needs the image")
+    # Preprocessing already scales the template brain's 99th percentile to 1; measured again here on the fused
+    # region, so that the weights do not depend on which mask the caller normalised with.
     brain = region > 0
     reference = np.percentile(image[brain], 99) if brain.any() else 1.0
     intensity = np.asarray(image, np.float32) / max(float(reference), 1e-6)
