@@ -31,10 +31,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"uad: error: {message}; see '{self.prog} --help'\n")
 
 
-def _set_threads(registration_threads: int | None = None) -> None:
+def _set_threads() -> None:
     # Unset thread counts made CPU runs 5-10x slower here (UAD_FIELD.md 4.3): use every core explicitly.
     cores = str(os.cpu_count() or 1)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(registration_threads or cores))
+    # ITK (registration, Atropos) gets one thread: multi-threaded metric sums vary in order, so the same scan came
+    # out with 9.8 ml flagged in one run and 10.8 ml in the next. The 2 mm affine registration takes about a second
+    # either way; Atropos refinement costs 8 s instead of 6 s on 2 cores. Set the variable to trade that back.
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", cores)
     import torch
 
@@ -203,9 +206,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    # One ITK thread: multi-threaded registration sums its metric in a varying order, so the preprocessed volumes
-    # (and every figure) would differ slightly from run to run; one thread makes two runs give the same numbers.
-    _set_threads(registration_threads=1)
+    _set_threads()  # one ITK thread: two runs give the same figures
     from uad.evaluation import EvaluationConfig, evaluate
 
     results = evaluate(EvaluationConfig(data_dir=args.data, models=tuple(args.models), cache_dir=args.cache,

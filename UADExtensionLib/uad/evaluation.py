@@ -20,7 +20,7 @@ Every pooled AUROC / AUPRC and mean Dice comes with a 95 % bootstrap interval ov
 the same data give the same interval), and "beats" means the intervals do not overlap. Beside it, the paired
 interval of the difference from ``intensity`` (the same resamples of the same subjects, subtracted): models scored
 on the same subjects share their hard subjects, so side-by-side intervals overstate how uncertain a difference is.
-``uad evaluate`` runs registration single-threaded (see cli.py), so two runs on one machine give the same volumes
+``uad`` runs registration single-threaded (see cli.py), so two runs on one machine give the same volumes
 and figures.
 """
 
