@@ -72,6 +72,43 @@ def test_train_resume_calibrate_and_provenance(cohort, cache, tmp_path):
     assert [step for step, _ in resumed.training["best_validation"]["curve"]] == [2, 3]
 
 
+def test_zero_steps_from_trained_weights_fits_only_statistics_and_threshold_for_new_options(cohort, cache, tmp_path):
+    """How an option that only changes scoring (mirror_averaging) is given to trained weights."""
+    options = {"channels": [8, 16, 32]}
+    base = train(TrainConfig(model="dae", data_dir=str(cohort), out_dir=str(tmp_path / "base"), cache_dir=str(cache),
+                             steps=2, batch_size=4, validate_every=2, threads=1, model_options=options))
+    rescored = train(TrainConfig(model="dae", data_dir=str(cohort), out_dir=str(tmp_path / "mirror"),
+                                 cache_dir=str(cache), steps=0, threads=1, init_from=str(base),
+                                 model_options={**options, "mirror_averaging": True}))
+    before, after = load_checkpoint(base), load_checkpoint(rescored)
+    assert after.model.config.mirror_averaging and after.training["steps"] == 0
+    assert after.training["initialised_from"]["sha256"] == before.sha256
+    # The weights are kept; the statistics, fitted again, are those of one pass, as before; the threshold is
+    # calibrated again, on the averaged map.
+    assert all(torch.equal(value, after.model.state_dict()[k]) for k, value in before.model.state_dict().items())
+    assert after.threshold > 0 and after.threshold != before.threshold
+
+
+def test_zero_steps_without_trained_weights_is_refused_before_anything_is_written(cohort, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--model", "dae", "--data", str(cohort), "--out", str(tmp_path / "run"),
+                           "--steps", "0")
+    assert code == 2 and "--init-from" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_steps_from_another_model_s_weights_is_refused(cohort, cache, tmp_path, capsys):
+    """A second stage started from its first stage's weights has nothing trained yet: 0 steps would ship it so."""
+    first = train(TrainConfig(model="vqvae", data_dir=str(cohort), out_dir=str(tmp_path / "vqvae"),
+                              cache_dir=str(cache), steps=1, batch_size=4, validate_every=1, threads=1,
+                              model_options={"channels": [8, 16, 16]}))
+    capsys.readouterr()  # that run's progress bars
+    code, _, err = run_cli(capsys, "train", "--model", "vqvae-transformer", "--data", str(cohort), "--cache",
+                           str(cache), "--out", str(tmp_path / "run"), "--steps", "0", "--init-from", str(first),
+                           "--option", "channels=[8,16,16]")
+    assert code == 2 and "vqvae" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_intensity_baseline_fits_in_closed_form(cohort, cache, tmp_path, capsys):
     path = train(TrainConfig(model="intensity", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
                              cache_dir=str(cache), threads=1))

@@ -21,11 +21,16 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 #       --batch-size 32 --lr 0.0005 --validate-every 2750 --checkpoint-every 2750 --threads 2 --device cuda \
 #       --option noise_grid_divisor=4 --option noise_std=0.3
 # Those weights were then fine-tuned on this 2-core CPU (~30 min) to restore foreign patches as well; from the GPU
-# run's model.pt (runs/dae above), the command the bundled dae.pt records:
+# run's model.pt (runs/dae above):
 #   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-fpi --cache "$CACHE" --seed 0 --steps 5000 \
 #       --batch-size 32 --lr 0.0002 --validate-every 500 --checkpoint-every 250 --threads 2 \
 #       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
 #       --init-from runs/dae/model.pt
+# The bundled dae.pt is those weights unchanged, scored with mirror averaging: statistics and threshold fitted again
+# (--steps 0; ~10 min on the CPU), the command it records:
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-mirror --cache "$CACHE" --seed 0 --steps 0 \
+#       --threads 2 --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
+#       --option mirror_averaging=true --init-from runs/dae-fpi/model.pt
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
 # tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):

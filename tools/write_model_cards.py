@@ -39,6 +39,24 @@ def _selection(best: dict) -> str:
     return text
 
 
+def _training_lines(name: str, training: dict, config: dict) -> list[str]:
+    """How the weights were trained and chosen; for a run of 0 steps (only the map statistics and threshold fitted
+    with new options, e.g. mirror_averaging), the run whose weights it kept."""
+    base = training.get("initialised_from", {})
+    when = (f"{training.get('seconds', 0) / 60:.1f} min wall time on {training.get('hardware', '?')}; finished "
+            f"{training.get('date', '?')}")
+    if training.get("steps") or base.get("model") != name:
+        return [f"- Training: {_how_trained(training, config)}, {when}.",
+                f"- Checkpoint selection: {_selection(training.get('best_validation') or {})}."]
+    final = (training.get("best_validation") or {}).get("auprc_final_map", "?")
+    return [f"- Training: none in this run (`--steps 0`, {when}): the weights of the earlier bundled `{name}` "
+            f"(SHA-256 `{base['sha256'][:12]}...`), {base.get('steps', '?')} steps of `{base['command']}`, with "
+            "their map statistics and threshold fitted again for this config.",
+            f"- Checkpoint selection (that run's): {_selection(base.get('best_validation') or {})}. With this "
+            f"config the final map scores {final} on the same data (a score recorded by an older run may not be "
+            "reproduced by today's code: compare figures measured together)."]
+
+
 def _curve(curve: list) -> str:
     return ", ".join(f"{step}: {score:.3f}" for step, score in curve)
 
@@ -78,17 +96,15 @@ def card(info: catalog.ModelInfo) -> str:
         f"training and {len(subjects.get('validation', []))} validation subjects (split seed "
         f"{config.get('split_seed', 0)}); the {len(subjects.get('test', []))} test subjects were never used.",
         f"- Command: `{training.get('command', '?')}` (seed {config.get('seed', '?')}).",
-        f"- Training: {_how_trained(training, config)}, {training.get('seconds', 0) / 60:.1f} min wall time on "
-        f"{training.get('hardware', '?')}; finished {training.get('date', '?')}.",
-        f"- Checkpoint selection: {_selection(training.get('best_validation') or {})}.",
+        *_training_lines(info.name, training, config),
         f"- Threshold: {calibration.get('threshold', float('nan')):.4g} = {calibration.get('method', '?')}, "
         f"at {calibration.get('fpr', 0):.0%} FPR over {calibration.get('n_volumes', '?')} healthy validation volumes.",
     ]
     base = training.get("initialised_from", {})
-    if base.get("model") == info.name:  # a fine-tune: every weight trained further
+    if base.get("model") == info.name and training.get("steps"):  # a fine-tune: every weight trained further
         lines.append(f"- Fine-tuned from the earlier bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`), "
                      f"itself from `{base['command']}`.")
-    elif base:
+    elif base and base.get("model") != info.name:  # a second stage (0 steps of the same model: said above)
         lines.append(f"- First stage: the bundled `{base['model']}` (SHA-256 `{base['sha256'][:12]}...`, frozen), "
                      f"itself from `{base['command']}`.")
     lines += _gpu_runs(info.name, training.get("command", ""), base.get("command", ""))

@@ -50,6 +50,21 @@ def test_dae_refuses_a_foreign_patch_share_outside_0_to_1():
         build_model(DAEConfig(foreign_patch_probability=1.5))
 
 
+def test_dae_mirror_averaging_gives_the_mean_of_the_scan_s_and_its_left_right_mirror_s_maps():
+    torch.manual_seed(0)
+    plain = build_model(DAEConfig(channels=(8, 16, 32))).eval()
+    mirrored = build_model(DAEConfig(channels=(8, 16, 32), mirror_averaging=True)).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    image, mask = healthy_like()
+    image[20:30, 40:50, 30:40] = 0.1  # a lesion on the left only: the two passes see it on opposite sides
+    # Axis 0 of the working grid runs from left to right: the mirror image is image[::-1].
+    own, mirror = plain.predict(image, mask), plain.predict(image[::-1].copy(), mask[::-1].copy())
+    averaged = mirrored.predict(image, mask)
+    for output in ("reconstruction", "residual", "anomaly_map"):  # statistics not fitted: the raw map
+        expected = (getattr(own, output) + getattr(mirror, output)[::-1]) / 2
+        np.testing.assert_allclose(getattr(averaged, output), expected, atol=1e-5, err_msg=output)
+
+
 def test_dae_learns_to_remove_its_noise():
     """A few steps on one slice already lower the denoising loss: the loss measures what it should."""
     torch.manual_seed(0)

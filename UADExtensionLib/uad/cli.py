@@ -322,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder: checkpoints, model.pt, manifest.json")
     train.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"), help="preprocessed-scan cache")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--steps", type=int, default=6000,
+                       help="training steps; 0 with --init-from keeps those weights and fits only the map statistics "
+                            "and threshold, for options that change scoring (e.g. mirror_averaging)")
     train.add_argument("--batch-size", type=int, default=32,
                        help="slices per step, in total: under torchrun split evenly over the processes (default 32)")
     train.add_argument("--lr", type=float, default=5e-4)

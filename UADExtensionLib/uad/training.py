@@ -239,7 +239,13 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
 
     preprocessing = PreprocessConfig()
     model = build_model(spec.config_cls.from_dict(config.model_options))  # a bad option fails before --out exists
+    if model.trainable and config.steps <= 0 and not config.init_from:
+        raise UserInputError(f"--steps {config.steps} trains nothing; give a positive number of steps, or --steps 0 "
+                             "with --init-from to fit only the map statistics and threshold of trained weights")
     base = _initialise_from(model, config.init_from) if config.init_from else None
+    if model.trainable and config.steps <= 0 and base["model"] != config.model:
+        raise UserInputError(f"--steps 0 keeps trained weights as they are, but {config.init_from} holds a "
+                             f"{base['model']}, not a {config.model}: its other weights would stay untrained")
     out_dir.mkdir(parents=True, exist_ok=True)
     if ddp.rank:
         torch.manual_seed(config.seed + ddp.rank)  # and its own random masks, noise, ... in the loss
@@ -252,6 +258,12 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
         clock = time.time()
         model.fit(cohort.train_images, cohort.train_masks)
         steps, best, loop_seconds = 0, {}, time.time() - clock
+    elif config.steps <= 0:
+        # The --init-from weights as they are, scored with this run's options (e.g. mirror_averaging): only the map
+        # statistics and the threshold below are fitted again.
+        if not ddp.is_main:
+            return path
+        steps, best, loop_seconds = 0, {}, 0.0
     else:
         steps, best, loop_seconds = _train_loop(model, cohort, config, device, rng, out_dir, ddp)
         if not ddp.is_main:
@@ -283,7 +295,8 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
 def _initialise_from(model: AnomalyModel, path: str) -> dict:
     """Copy the weights ``model`` shares with a trained checkpoint (first stage of a two-stage model).
 
-    Returns what the provenance records: the base checkpoint's name, SHA-256 and its own training command.
+    Returns what the provenance records: the base checkpoint's name, SHA-256, its own training command and
+    checkpoint selection (a run of 0 steps keeps the base's weights: its validation curve is theirs).
     """
     base = load_checkpoint(Path(path))
     own = model.state_dict()
@@ -296,7 +309,8 @@ def _initialise_from(model: AnomalyModel, path: str) -> dict:
                              "of its first stage trained with the same options")
     model.load_state_dict(shared, strict=False)
     return {"model": base.name, "path": str(Path(path).resolve()), "sha256": base.sha256,
-            "command": base.training.get("command", "")}
+            "command": base.training.get("command", ""), "steps": base.training.get("steps", 0),
+            "best_validation": base.training.get("best_validation") or {}}
 
 
 class _LossStep(nn.Module):

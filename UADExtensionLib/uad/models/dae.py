@@ -19,6 +19,13 @@ another slice, to be restored as well. Fine-tuning the coarse-noise weights this
 the validation AUPRC of the final map from 0.553 to 0.659 (the bundled weights; model card). Blobs in every slice
 (probability 1, 2500 more steps) lifted the raw map's validation AUPRC again (0.60 -> 0.73) but neither the final
 map's (0.633 -> 0.642 at the calibrated median filter) nor the fusion's validation score (0.4384 -> 0.4383); half stays.
+
+The bundled weights run with ``mirror_averaging`` (SliceConfig): each scan's z-scored map is averaged with that of
+its left-right mirror image. Same weights, statistics and threshold fitted again (``uad train --steps 0``): the
+fusion's validation score rose from 0.483 to 0.492 (Resources/fusion-weights-validation.txt) and the validation
+AUPRC of the dae's final map from 0.596 to 0.611 (exploratory, not in a tool; today's code does not reproduce the
+0.659 its fine-tuning recorded), for 0.4 s more per scan on 2 cores. A one-voxel shift as a third and fourth pass
+helped the dae alone but not the fusion (0.490).
 """
 
 from __future__ import annotations

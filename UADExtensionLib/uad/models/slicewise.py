@@ -27,6 +27,10 @@ class SliceConfig(ModelConfig):
     ssim_weight: float = 0.5  # weight of the (1 - SSIM) term in the anomaly map
     normalise_map: bool = True  # divide by healthy voxel-wise map statistics once they are fitted
     per_scan_standardise: bool = True  # then re-centre on the scan's own brain median, in units of its MAD
+    # Run the scan and its left-right mirror image and average the two predictions (the mirror's flipped back): the
+    # brain is nearly symmetric, so both are plausible inputs, and their errors on healthy tissue partly cancel while
+    # a lesion is replaced in both. Twice the network time; the map statistics stay those of one pass.
+    mirror_averaging: bool = False
 
 
 def to_slices(volume: np.ndarray) -> np.ndarray:
@@ -87,6 +91,24 @@ class SliceModel(AnomalyModel):
 
     @torch.inference_mode()
     def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
+        if not self.config.mirror_averaging:
+            return self._standardised_prediction(image, brain_mask, mask_size_px, batch_size, progress)
+        # Each pass is z-scored on its own, the mirror image's in its own frame (where its anatomy matches the
+        # statistics), and then flipped back. Averaging the raw maps or the reconstructions instead, with statistics
+        # fitted on those, scored lower on the validation cases (fused with retrieval: 0.486 against 0.4925,
+        # tools/choose_fusion_weights.py's score): z-scored passes weigh down voxels where the two passes disagree.
+        halves = [lambda f: progress(f / 2), lambda f: progress(0.5 + f / 2)] if progress else [None, None]
+        own = self._standardised_prediction(image, brain_mask, mask_size_px, batch_size, halves[0])
+        mirror = self._standardised_prediction(np.ascontiguousarray(image[::-1]),
+                                               np.ascontiguousarray(brain_mask[::-1]), mask_size_px, batch_size,
+                                               halves[1])
+        for output in ("reconstruction", "residual", "anomaly_map"):
+            setattr(own, output, (getattr(own, output) + getattr(mirror, output)[::-1]) / 2)
+        if own.slice_scores is not None:  # axial slices: the mirror image has the same ones
+            own.slice_scores = (own.slice_scores + mirror.slice_scores) / 2
+        return own
+
+    def _standardised_prediction(self, image, brain_mask, mask_size_px, batch_size, progress) -> Prediction:
         prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress)
         if self.config.normalise_map and self.map_statistics_fitted:
             prediction.anomaly_map = standardise_map(prediction.anomaly_map, brain_mask, self.map_mean.cpu().numpy(),
