@@ -95,8 +95,8 @@ class SliceModel(AnomalyModel):
             return self._standardised_prediction(image, brain_mask, mask_size_px, batch_size, progress)
         # Each pass is z-scored on its own, the mirror image's in its own frame (where its anatomy matches the
         # statistics), and then flipped back. Averaging the raw maps or the reconstructions instead, with statistics
-        # fitted on those, scored lower on the validation cases (fused with retrieval: 0.486 against 0.4925,
-        # tools/choose_fusion_weights.py's score): z-scored passes weigh down voxels where the two passes disagree.
+        # fitted on those, scored lower on the validation cases (fused with retrieval, choose_fusion_weights' score;
+        # exploratory: 0.486 against 0.492): z-scored passes weigh down voxels where the two passes disagree.
         halves = [lambda f: progress(f / 2), lambda f: progress(0.5 + f / 2)] if progress else [None, None]
         own = self._standardised_prediction(image, brain_mask, mask_size_px, batch_size, halves[0])
         mirror = self._standardised_prediction(np.ascontiguousarray(image[::-1]),
