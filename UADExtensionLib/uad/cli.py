@@ -206,7 +206,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _set_threads()  # one ITK thread: two runs give the same figures
+    _set_threads()
     from uad.evaluation import EvaluationConfig, evaluate
 
     results = evaluate(EvaluationConfig(data_dir=args.data, models=tuple(args.models), cache_dir=args.cache,

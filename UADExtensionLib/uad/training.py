@@ -239,13 +239,11 @@ def _train(config: TrainConfig, spec, device: torch.device, ddp: Distributed) ->
 
     preprocessing = PreprocessConfig()
     model = build_model(spec.config_cls.from_dict(config.model_options))  # a bad option fails before --out exists
-    if model.trainable and config.steps <= 0 and not config.init_from:
-        raise UserInputError(f"--steps {config.steps} trains nothing; give a positive number of steps, or --steps 0 "
-                             "with --init-from to fit only the map statistics and threshold of trained weights")
     base = _initialise_from(model, config.init_from) if config.init_from else None
-    if model.trainable and config.steps <= 0 and base["model"] != config.model:
-        raise UserInputError(f"--steps 0 keeps trained weights as they are, but {config.init_from} holds a "
-                             f"{base['model']}, not a {config.model}: its other weights would stay untrained")
+    if model.trainable and config.steps <= 0 and (base or {}).get("model") != config.model:
+        held = f" ({config.init_from} holds a {base['model']}: the rest would stay untrained)" if base else ""
+        raise UserInputError(f"--steps {config.steps} trains nothing: give a positive number of steps, or --init-from "
+                             f"a trained {config.model} to fit only its map statistics and threshold{held}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if ddp.rank:
         torch.manual_seed(config.seed + ddp.rank)  # and its own random masks, noise, ... in the loss
