@@ -6,8 +6,10 @@ import torch
 
 from uad import catalog
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from uad.errors import UserInputError
 from uad.models import build_model, get_spec, list_models
 from uad.models.scoring import ssim_map
+from uad.models.slicewise import SliceModel
 from uad.preprocessing import PreprocessConfig
 
 from .synthetic_brain import GRID, healthy_like
@@ -43,6 +45,19 @@ def test_model_cycle(name, tmp_path):
     assert loaded.name == name and loaded.threshold == 0.5 and loaded.preprocessing == PreprocessConfig()
     again = loaded.model.predict(image, mask)
     np.testing.assert_allclose(again.anomaly_map, first.anomaly_map, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if issubclass(get_spec(n).model_cls, SliceModel)])
+def test_slice_models_read_coronal_and_sagittal_slices_or_refuse_in_one_line(name):
+    config = get_spec(name).config_cls(reading_directions=("axial", "coronal", "sagittal"),
+                                       reading_weights=(1.0, 1.0, 1.0))
+    if not get_spec(name).model_cls.reads_any_slice_shape:
+        with pytest.raises(UserInputError, match="axial slices only"):
+            build_model(config)
+        return
+    image, mask = healthy_like()
+    anomaly_map = build_model(config).eval().predict(image, mask).anomaly_map
+    assert anomaly_map.shape == GRID and np.isfinite(anomaly_map).all() and anomaly_map[mask].any()
 
 
 def test_intensity_baseline_flags_what_differs_from_the_mean():

@@ -9,8 +9,9 @@ from uad.models import build_model
 from uad.models.dae import DAEConfig, coarse_noise, foreign_patches
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
+from uad.models.scoring import healthy_map_statistics, standardise_map
 
-from .synthetic_brain import healthy_like
+from .synthetic_brain import GRID, healthy_like
 
 
 def test_dae_noise_is_coarse_and_of_the_configured_strength():
@@ -63,6 +64,56 @@ def test_dae_mirror_averaging_gives_the_mean_of_the_scan_s_and_its_left_right_mi
     for output in ("reconstruction", "residual", "anomaly_map"):  # statistics not fitted: the raw map
         expected = (getattr(own, output) + getattr(mirror, output)[::-1]) / 2
         np.testing.assert_allclose(getattr(averaged, output), expected, atol=1e-5, err_msg=output)
+
+
+def _read_across(model, image, mask, order):
+    """The axial-only model's raw map of the volume transposed by ``order``, transposed back."""
+    back = np.argsort(order)
+    prediction = model.predict(image.transpose(order).copy(), mask.transpose(order).copy())
+    return prediction.anomaly_map.transpose(back)
+
+
+def test_dae_reading_directions_average_the_axial_coronal_and_sagittal_readings_by_their_weights():
+    torch.manual_seed(0)
+    plain = build_model(DAEConfig(channels=(8, 16, 32))).eval()
+    three = build_model(DAEConfig(channels=(8, 16, 32), reading_directions=("axial", "coronal", "sagittal"),
+                                  reading_weights=(2.0, 1.0, 1.0))).eval()
+    three.load_state_dict(plain.state_dict())
+    image, mask = healthy_like()
+    image[20:30, 40:50, 30:40] = 0.1
+    # Coronal slices span left-right and foot-head (axes 0 and 2); sagittal ones back-front and foot-head (1, 2).
+    coronal, sagittal = (_read_across(plain, image, mask, order) for order in ((0, 2, 1), (1, 2, 0)))
+    expected = (2 * plain.predict(image, mask).anomaly_map + coronal + sagittal) / 4  # statistics not fitted: raw
+    np.testing.assert_allclose(three.predict(image, mask).anomaly_map, expected, atol=1e-5)
+
+
+def test_dae_z_scores_each_reading_direction_on_its_own_healthy_statistics():
+    torch.manual_seed(0)
+    plain = build_model(DAEConfig(channels=(8, 16, 32))).eval()  # its statistics stay unfitted: raw maps
+    two = build_model(DAEConfig(channels=(8, 16, 32), reading_directions=("axial", "coronal"),
+                                reading_weights=(1.0, 1.0))).eval()
+    two.load_state_dict(plain.state_dict())
+    volumes = np.stack([healthy_like(seed)[0] for seed in range(3)])
+    masks = np.stack([healthy_like()[1]] * 3)
+    two.fit_map_statistics(volumes, masks)
+    axial_stats = healthy_map_statistics(((plain.predict(v, m).anomaly_map, m) for v, m in zip(volumes, masks)),
+                                         GRID)
+    coronal_stats = healthy_map_statistics(((_read_across(plain, v, m, (0, 2, 1)), m)
+                                            for v, m in zip(volumes, masks)), GRID)
+    np.testing.assert_allclose(two.map_std.numpy(), axial_stats[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(two.map_std_coronal.numpy(), coronal_stats[1], rtol=1e-4, atol=1e-6)
+    image, mask = healthy_like(5)
+    image[20:30, 40:50, 30:40] = 0.1
+    expected = (standardise_map(plain.predict(image, mask).anomaly_map, mask, *axial_stats)
+                + standardise_map(_read_across(plain, image, mask, (0, 2, 1)), mask, *coronal_stats)) / 2
+    np.testing.assert_allclose(two.predict(image, mask).anomaly_map, expected, atol=1e-3)
+
+
+def test_dae_refuses_an_unknown_reading_direction_or_a_missing_weight():
+    with pytest.raises(UserInputError, match="reading_directions"):
+        build_model(DAEConfig(reading_directions=("oblique",)))
+    with pytest.raises(UserInputError, match="reading_weights"):
+        build_model(DAEConfig(reading_directions=("axial", "coronal"), reading_weights=(1.0,)))
 
 
 def test_dae_learns_to_remove_its_noise():

@@ -64,6 +64,7 @@ class RAEModel(SliceModel):
     description = "Reverse autoencoder (Bercea et al.): a VAE held to the input by an encoder-embedding loss."
 
     config: RAEConfig
+    reads_any_slice_shape = False  # its dense bottleneck holds one axial slice's shape
 
     def __init__(self, config: RAEConfig):
         super().__init__(config)
