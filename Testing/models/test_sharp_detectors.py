@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.errors import UserInputError
 from uad.models import build_model
 from uad.models.dae import DAEConfig, coarse_noise, foreign_patches
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 from uad.models.scoring import healthy_map_statistics, standardise_map
+from uad.preprocessing import PreprocessConfig
 
 from .synthetic_brain import GRID, healthy_like
 
@@ -107,6 +109,19 @@ def test_dae_z_scores_each_reading_direction_on_its_own_healthy_statistics():
     expected = (standardise_map(plain.predict(image, mask).anomaly_map, mask, *axial_stats)
                 + standardise_map(_read_across(plain, image, mask, (0, 2, 1)), mask, *coronal_stats)) / 2
     np.testing.assert_allclose(two.predict(image, mask).anomaly_map, expected, atol=1e-3)
+
+
+def test_a_checkpoint_keeps_each_reading_direction_s_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(DAEConfig(channels=(8, 16, 32), reading_directions=("axial", "sagittal"),
+                                  reading_weights=(0.7, 0.3))).eval()
+    image, mask = healthy_like()
+    model.fit_map_statistics(np.stack([healthy_like(seed)[0] for seed in (1, 2)]), np.stack([mask] * 2))
+    path = tmp_path / "dae.pt"
+    loaded = load_checkpoint(path, expected_sha256=save_checkpoint(Checkpoint(model, PreprocessConfig(), {}), path))
+    assert loaded.model.map_std_sagittal.any() and not hasattr(loaded.model, "map_std_coronal")
+    np.testing.assert_allclose(loaded.model.predict(image, mask).anomaly_map, model.predict(image, mask).anomaly_map,
+                               atol=1e-5)
 
 
 def test_dae_refuses_an_unknown_reading_direction_or_a_missing_weight():
