@@ -108,14 +108,14 @@ class SliceModel(AnomalyModel):
         """Voxel-wise mean/std of the raw anomaly map over healthy (N, X, Y, Z) volumes, per reading direction."""
         directions = self.config.reading_directions
 
-        def raw_maps(done: int, axis: int):
+        def raw_maps(done: int, direction: str):
             for index, (image, mask) in enumerate(zip(volumes, masks)):
-                yield self._raw_prediction(image, mask, None, 16, axis=axis).anomaly_map, mask
+                yield self._raw_prediction(image, mask, None, 16, direction=direction).anomaly_map, mask
                 if progress:
                     progress((done + (index + 1) / len(volumes)) / len(directions))
 
         for done, direction in enumerate(directions):
-            statistics = healthy_map_statistics(raw_maps(done, READING_AXES[direction]), self.config.grid_shape)
+            statistics = healthy_map_statistics(raw_maps(done, direction), self.config.grid_shape)
             for name, value in zip(statistics_names(direction), statistics):
                 getattr(self, name).copy_(torch.from_numpy(value))
 
@@ -152,16 +152,16 @@ class SliceModel(AnomalyModel):
 
     def _standardised_prediction(self, image, brain_mask, mask_size_px, batch_size, progress,
                                  direction: str = "axial") -> Prediction:
-        prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress,
-                                          READING_AXES[direction])
+        prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress, direction)
         if self.config.normalise_map and self.map_statistics_fitted:
             mean, std = (getattr(self, name).cpu().numpy() for name in statistics_names(direction))
             prediction.anomaly_map = standardise_map(prediction.anomaly_map, brain_mask, mean, std,
                                                      self.config.per_scan_standardise)
         return prediction
 
-    def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, progress=None, axis: int = 2) -> Prediction:
-        device = next(self.parameters()).device
+    def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, progress=None,
+                        direction: str = "axial") -> Prediction:
+        device, axis = next(self.parameters()).device, READING_AXES[direction]
         images, masks = to_slices(image.astype(np.float32), axis), to_slices(brain_mask.astype(np.float32), axis)
         keep = np.flatnonzero(masks.mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION)
         outputs = {key: np.zeros_like(images) for key in ("reconstruction", "residual", "anomaly_map")}
@@ -175,7 +175,7 @@ class SliceModel(AnomalyModel):
             residual, anomaly = combined_anomaly_map(x, reconstruction, m, self.config.ssim_weight)
             if weight is not None:
                 anomaly = anomaly * weight
-            scores = self.score_slices(x, reconstruction, m) if axis == 2 else None  # per axial slice
+            scores = self.score_slices(x, reconstruction, m) if direction == "axial" else None  # per axial slice
             if scores is not None:
                 slice_scores[index], scored = scores.float().cpu().numpy(), True
             outputs["reconstruction"][index] = reconstruction.float().cpu().numpy()
