@@ -87,6 +87,13 @@ def test_zero_steps_from_trained_weights_fits_only_statistics_and_threshold_for_
     # calibrated again, on the averaged map.
     assert all(torch.equal(value, after.model.state_dict()[k]) for k, value in before.model.state_dict().items())
     assert after.threshold > 0 and after.threshold != before.threshold
+    # Rescored once more (e.g. in more reading directions), the file still names the run that trained the weights.
+    views = {**options, "mirror_averaging": True, "reading_directions": ["axial", "coronal"], "reading_weights": [1, 1]}
+    again = load_checkpoint(train(TrainConfig(model="dae", data_dir=str(cohort), out_dir=str(tmp_path / "views"),
+                                              cache_dir=str(cache), steps=0, threads=1, init_from=str(rescored),
+                                              model_options=views)))
+    origin = again.training["initialised_from"]["initialised_from"]
+    assert origin["sha256"] == before.sha256 and origin["steps"] == 2
 
 
 def test_zero_steps_without_trained_weights_is_refused_before_anything_is_written(cohort, tmp_path, capsys):

@@ -1,12 +1,13 @@
 """Choose the fusion model's member weights, smoothing and median filter on the VALIDATION subjects (never test
 subjects, never lesion cases); stricter thresholds are scored beside them for information.
 
-    python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval \
-        --sigmas 0 --medians 0 --anchors 0.2 0.5 0.8 --anchor-grid 0.3,0.4,0.5 0.2,0.3 0.6,0.7
+    python tools/choose_fusion_weights.py --data ../shared/data --members dae patch-retrieval --grid 0.5 \
+        --sigmas 0 --medians 0 --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.5,0.6,0.7 0.2,0.3 0.7,0.8,0.9
 
-is the run behind the bundled fusion (Resources/fusion-weights-validation.txt). Its Gaussian and median filter
-stay off: the full grid over both, run before the anchors existed, chose them off (that file's git history). With
-``--anchors`` the first member's weight may also follow the voxel's intensity (``FusionConfig.intensity_anchors``).
+is the run behind the bundled fusion (Resources/fusion-weights-validation.txt; the wider searches before it are in
+Resources/reading-directions-validation.txt). Its Gaussian and median filter stay off: the full grid over both, run
+before the anchors existed, chose them off (that file's git history). With ``--anchors`` the first member's weight
+may also follow the voxel's intensity (``FusionConfig.intensity_anchors``).
 
 Each member's z-scored map is computed once per case. Per validation subject: two synthetic anomalies (as the
 training loop's validation score draws them, but centred on a fixed template mask, as `uad evaluate` does), one

@@ -26,11 +26,18 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 #       --batch-size 32 --lr 0.0002 --validate-every 500 --checkpoint-every 250 --threads 2 \
 #       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
 #       --init-from runs/dae/model.pt
-# The bundled dae.pt is those weights unchanged, scored with mirror averaging: statistics and threshold fitted again
-# (--steps 0; ~10 min on the CPU), the command it records:
+# The bundled dae.pt is those weights unchanged, scored with mirror averaging, statistics and threshold fitted again
+# (--steps 0; ~10 min on the CPU):
 #   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-mirror --cache "$CACHE" --seed 0 --steps 0 \
 #       --threads 2 --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
 #       --option mirror_averaging=true --init-from runs/dae-fpi/model.pt
+# and then, still the same weights, read in three slice directions (axial, coronal, sagittal weighted 0.6 / 0.2 / 0.2,
+# each z-scored on its own healthy statistics; ~30 min on the CPU; Resources/reading-directions-validation.txt; the
+# checkpoint records the same command run from the bundled mirror-averaged dae.pt):
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-views --cache "$CACHE" --seed 0 --steps 0 \
+#       --threads 2 --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
+#       --option mirror_averaging=true --option 'reading_directions=["axial","coronal","sagittal"]' \
+#       --option 'reading_weights=[0.6,0.2,0.2]' --init-from runs/dae-mirror/model.pt
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
 # tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):
@@ -54,8 +61,12 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-python tools/choose_fusion_weights.py --data "$DATA" --sigmas 0 --medians 0 --anchors 0.2 0.5 0.8 \
-    --anchor-grid 0.3,0.4,0.5 0.2,0.3 0.6,0.7 | tee Resources/fusion-weights-validation.txt
+# The dae's weight at CSF-, grey- and white-matter-like intensity on a grid around the three-direction dae's best
+# (Resources/reading-directions-validation.txt has the wider searches before it; one single weight and one stricter
+# FPR only, for time; the committed table names the dae by its run, runs/dae-views/model.pt, bundled as dae.pt):
+python tools/choose_fusion_weights.py --data "$DATA" --members dae patch-retrieval --grid 0.5 --sigmas 0 --medians 0 \
+    --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.5,0.6,0.7 0.2,0.3 0.7,0.8,0.9 \
+    | tee Resources/fusion-weights-validation.txt
 CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
 FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
 FUSION_ANCHORS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['intensity_anchors'])")

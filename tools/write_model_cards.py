@@ -48,10 +48,21 @@ def _training_lines(name: str, training: dict, config: dict) -> list[str]:
     if training.get("steps") or base.get("model") != name:
         return [f"- Training: {_how_trained(training, config)}, {when}.",
                 f"- Checkpoint selection: {_selection(training.get('best_validation') or {})}."]
+    rescored = []  # earlier 0-step runs between this one and the run that trained the weights
+    while not base.get("steps") and base.get("initialised_from", {}).get("model") == name:
+        rescored.append(base)
+        base = base["initialised_from"]
+    via = "".join(f", rescored by `{run['command']}` (SHA-256 `{run['sha256'][:12]}...`)" for run in rescored)
     final = (training.get("best_validation") or {}).get("auprc_final_map", "?")
+    if not base.get("steps"):  # a 0-step base made before checkpoints kept their weights' origin
+        return [f"- Training: none in this run (`--steps 0`, {when}): the weights of the earlier bundled `{name}` "
+                f"(SHA-256 `{base['sha256'][:12]}...`), itself a 0-step run, `{base['command']}`, with their map "
+                "statistics and threshold fitted again for this config. That file did not record the run that "
+                "trained the weights: tools/reproduce_bundled.sh names it.",
+                f"- With this config the final map scores {final} on the validation subjects."]
     return [f"- Training: none in this run (`--steps 0`, {when}): the weights of the earlier bundled `{name}` "
-            f"(SHA-256 `{base['sha256'][:12]}...`), {base.get('steps', '?')} steps of `{base['command']}`, with "
-            "their map statistics and threshold fitted again for this config.",
+            f"(SHA-256 `{base['sha256'][:12]}...`), {base.get('steps', '?')} steps of `{base['command']}`{via}, "
+            "with their map statistics and threshold fitted again for this config.",
             f"- Checkpoint selection (that run's): {_selection(base.get('best_validation') or {})}. With this "
             f"config the final map scores {final} on the same data (a score recorded by an older run may not be "
             "reproduced by today's code: compare figures measured together)."]

@@ -306,9 +306,13 @@ def _initialise_from(model: AnomalyModel, path: str) -> dict:
                              f"({len(shared)} shared weights, {len(mismatched)} of other shapes); give the checkpoint "
                              "of its first stage trained with the same options")
     model.load_state_dict(shared, strict=False)
-    return {"model": base.name, "path": str(Path(path).resolve()), "sha256": base.sha256,
-            "command": base.training.get("command", ""), "steps": base.training.get("steps", 0),
-            "best_validation": base.training.get("best_validation") or {}}
+    record = {"model": base.name, "path": str(Path(path).resolve()), "sha256": base.sha256,
+              "command": base.training.get("command", ""), "steps": base.training.get("steps", 0),
+              "best_validation": base.training.get("best_validation") or {}}
+    if not record["steps"] and "initialised_from" in base.training:
+        # The base trained nothing either: keep where its weights came from, so the file still names their training.
+        record["initialised_from"] = base.training["initialised_from"]
+    return record
 
 
 class _LossStep(nn.Module):
