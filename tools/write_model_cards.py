@@ -52,7 +52,7 @@ def _training_lines(name: str, training: dict, config: dict) -> list[str]:
     while not base.get("steps") and base.get("initialised_from", {}).get("model") == name:
         rescored.append(base)
         base = base["initialised_from"]
-    via = "".join(f", rescored by `{run['command']}` (SHA-256 `{run['sha256'][:12]}...`)" for run in rescored)
+    via = "".join(f", rescored by `{run['command']}` (SHA-256 `{run['sha256'][:12]}...`)" for run in reversed(rescored))
     final = (training.get("best_validation") or {}).get("auprc_final_map", "?")
     if not base.get("steps"):  # a 0-step base made before checkpoints kept their weights' origin
         return [f"- Training: none in this run (`--steps 0`, {when}): the weights of the earlier bundled `{name}` "
