@@ -110,7 +110,7 @@ class SliceModel(AnomalyModel):
 
         def raw_maps(done: int, direction: str):
             for index, (image, mask) in enumerate(zip(volumes, masks)):
-                yield self._raw_prediction(image, mask, None, 16, direction=direction).anomaly_map, mask
+                yield self._raw_prediction(image, mask, None, 16, direction).anomaly_map, mask
                 if progress:
                     progress((done + (index + 1) / len(volumes)) / len(directions))
 
@@ -151,16 +151,16 @@ class SliceModel(AnomalyModel):
         return own
 
     def _standardised_prediction(self, image, brain_mask, mask_size_px, batch_size, progress,
-                                 direction: str = "axial") -> Prediction:
-        prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, progress, direction)
+                                 direction: str) -> Prediction:
+        prediction = self._raw_prediction(image, brain_mask, mask_size_px, batch_size, direction, progress)
         if self.config.normalise_map and self.map_statistics_fitted:
             mean, std = (getattr(self, name).cpu().numpy() for name in statistics_names(direction))
             prediction.anomaly_map = standardise_map(prediction.anomaly_map, brain_mask, mean, std,
                                                      self.config.per_scan_standardise)
         return prediction
 
-    def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, progress=None,
-                        direction: str = "axial") -> Prediction:
+    def _raw_prediction(self, image, brain_mask, mask_size_px, batch_size, direction: str,
+                        progress=None) -> Prediction:
         device, axis = next(self.parameters()).device, READING_AXES[direction]
         images, masks = to_slices(image.astype(np.float32), axis), to_slices(brain_mask.astype(np.float32), axis)
         keep = np.flatnonzero(masks.mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION)
