@@ -8,7 +8,8 @@ import torch
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, split_subjects
 from uad.errors import UserInputError
-from uad.training import TrainConfig, train
+from uad.models.dae import DAEModel
+from uad.training import TrainConfig, _augment, brain_slices_from_volumes, train
 
 from conftest import IXI_MASK, IXI_T1, run_cli
 
@@ -94,6 +95,43 @@ def test_zero_steps_from_trained_weights_fits_only_statistics_and_threshold_for_
                                               model_options=views)))
     origin = again.training["initialised_from"]["initialised_from"]
     assert origin["sha256"] == before.sha256 and origin["steps"] == 2
+
+
+def test_training_slices_are_cut_across_the_direction_asked():
+    volumes = np.random.default_rng(0).random((2, 80, 96, 80), dtype=np.float32)
+    masks = np.ones_like(volumes)
+    coronal, _ = brain_slices_from_volumes(volumes, masks, "coronal")
+    sagittal, _ = brain_slices_from_volumes(volumes, masks, "sagittal")
+    assert coronal.shape == (2 * 96, 1, 80, 80) and sagittal.shape == (2 * 80, 1, 96, 80)
+    np.testing.assert_array_equal(coronal[96 + 40, 0], volumes[1, :, 40, :])  # 2nd subject, 40th from the back
+    np.testing.assert_array_equal(sagittal[10, 0], volumes[0, 10])
+
+
+def test_only_slices_whose_first_axis_is_left_right_are_mirrored():
+    images = np.random.default_rng(0).random((64, 1, 96, 80), dtype=np.float32)
+    masks = np.ones_like(images)
+    kept, _ = _augment(images, masks, np.random.default_rng(1), mirror=False)
+    scale = kept / images  # a sagittal slice only has its intensity scaled; front-back mirrored is no brain
+    assert np.allclose(scale, scale[:, :, :1, :1])
+    mirrored, _ = _augment(images, masks, np.random.default_rng(1), mirror=True)
+    flipped = [not np.allclose(m / i[:, ::-1], s[0, 0, 0]) for m, i, s in zip(mirrored, images, scale)]
+    assert 16 < len(flipped) - sum(flipped) < 48  # about half are mirrored, with the same random scales
+
+
+def test_a_net_trained_in_three_directions_learns_from_slices_of_each(cohort, cache, tmp_path, monkeypatch):
+    seen = []
+    loss = DAEModel.loss
+
+    def recording_loss(self, images, masks):
+        seen.append(tuple(images.shape[2:]))
+        return loss(self, images, masks)
+
+    monkeypatch.setattr(DAEModel, "loss", recording_loss)
+    options = {"channels": [8, 16, 32], "training_directions": ["axial", "coronal", "sagittal"]}
+    path = train(TrainConfig(model="dae", data_dir=str(cohort), out_dir=str(tmp_path / "run"), cache_dir=str(cache),
+                             steps=12, batch_size=2, validate_every=12, threads=1, model_options=options))
+    assert set(seen) == {(80, 96), (80, 80), (96, 80)}  # axial, coronal, sagittal slices of the working grid
+    assert load_checkpoint(path).model.config.training_directions == ("axial", "coronal", "sagittal")
 
 
 def test_zero_steps_without_trained_weights_is_refused_before_anything_is_written(cohort, tmp_path, capsys):

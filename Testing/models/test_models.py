@@ -54,6 +54,8 @@ def test_slice_models_read_coronal_and_sagittal_slices_or_refuse_in_one_line(nam
     if not get_spec(name).model_cls.reads_any_slice_shape:
         with pytest.raises(UserInputError, match="axial slices only"):
             build_model(config)
+        with pytest.raises(UserInputError, match="axial slices only"):
+            build_model(get_spec(name).config_cls(training_directions=("axial", "coronal")))
         return
     image, mask = healthy_like()
     anomaly_map = build_model(config).eval().predict(image, mask).anomaly_map

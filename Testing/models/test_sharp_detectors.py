@@ -124,11 +124,13 @@ def test_a_checkpoint_keeps_each_reading_direction_s_statistics(tmp_path):
                                atol=1e-5)
 
 
-def test_dae_refuses_an_unknown_reading_direction_or_a_missing_weight():
+def test_dae_refuses_an_unknown_reading_or_training_direction_or_a_missing_weight():
     with pytest.raises(UserInputError, match="reading_directions"):
         build_model(DAEConfig(reading_directions=("oblique",)))
     with pytest.raises(UserInputError, match="reading_weights"):
         build_model(DAEConfig(reading_directions=("axial", "coronal"), reading_weights=(1.0,)))
+    with pytest.raises(UserInputError, match="training_directions"):
+        build_model(DAEConfig(training_directions=("axial", "oblique")))
 
 
 def test_dae_learns_to_remove_its_noise():

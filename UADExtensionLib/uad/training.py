@@ -38,7 +38,7 @@ from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
-from uad.models.slicewise import MAP_STATISTICS
+from uad.models.slicewise import MAP_STATISTICS, READING_AXES
 from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
 
@@ -339,7 +339,8 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
     """
     ddp = ddp or Distributed()
     batch_size = config.batch_size // ddp.world_size
-    images, masks = brain_slices_from_volumes(cohort.train_images, cohort.train_masks)
+    directions = model.config.training_directions
+    slices = {d: brain_slices_from_volumes(cohort.train_images, cohort.train_masks, d) for d in directions}
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps,
                                                           eta_min=config.learning_rate / 50)
@@ -392,8 +393,12 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
                disable=not ddp.is_main)
     try:
         while step < config.steps:
+            # One direction per batch (its slices share a shape); no draw for one direction, so runs of the default
+            # axial training repeat the batches they drew before this option existed.
+            direction = directions[rng.integers(len(directions))] if len(directions) > 1 else directions[0]
+            images, masks = slices[direction]
             index = rng.integers(0, len(images), batch_size)
-            x, m = _augment(images[index], masks[index], rng)
+            x, m = _augment(images[index], masks[index], rng, mirror=direction != "sagittal")
             # Mixed precision on GPUs (bfloat16 keeps float32's range: no loss scaling); CPUs train in float32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 total = forward(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device))
@@ -435,20 +440,27 @@ def _restore_random_states(state: dict, rng: np.random.Generator, ddp: Distribut
     torch.set_rng_state(saved["torch_rng"])
 
 
-def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, min_brain_fraction: float = 0.05):
-    """(N, X, Y, Z) volumes -> (M, 1, X, Y) axial slices that contain brain."""
-    slices = np.moveaxis(volumes, 3, 1).reshape(-1, 1, *volumes.shape[1:3])
-    slice_masks = np.moveaxis(masks, 3, 1).reshape(-1, 1, *masks.shape[1:3])
+def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction: str = "axial",
+                              min_brain_fraction: float = 0.05):
+    """(N, X, Y, Z) volumes -> (M, 1, H, W) slices in ``direction`` that contain brain (axial: (M, 1, X, Y))."""
+    axis = READING_AXES[direction] + 1  # the volumes' first axis is the subject
+
+    def cut(array: np.ndarray) -> np.ndarray:
+        moved = np.moveaxis(array, axis, 1)
+        return moved.reshape(-1, 1, *moved.shape[2:])
+
+    slices, slice_masks = cut(volumes), cut(masks)
     keep = slice_masks.mean(axis=(1, 2, 3)) >= min_brain_fraction
     return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
 
 
-def _augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Left-right flips and a global intensity scale: what differs between healthy scans and sites."""
+def _augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+             mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Left-right flips (``mirror``: the slices' first axis is left-right, i.e. not sagittal ones) and a global
+    intensity scale: what differs between healthy scans and sites."""
     images, masks = images.copy(), masks.copy()
-    flip = rng.random(len(images)) < 0.5
+    flip = (rng.random(len(images)) < 0.5) & mirror  # drawn either way: the random stream does not depend on it
     images[flip] = images[flip, :, ::-1]
     masks[flip] = masks[flip, :, ::-1]
     images *= rng.uniform(0.9, 1.1, size=(len(images), 1, 1, 1)).astype(np.float32)
     return images * masks, masks
-

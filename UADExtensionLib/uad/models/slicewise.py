@@ -49,6 +49,9 @@ class SliceConfig(ModelConfig):
     # validation score from 0.490 to 0.502 at 3x the network time (Resources/reading-directions-validation.txt).
     reading_directions: tuple[str, ...] = ("axial",)
     reading_weights: tuple[float, ...] = (1.0,)
+    # Slice directions the network is trained on: each training step draws its batch from one of them, at random.
+    # A net that will read coronal and sagittal slices then learns them as well as axial ones.
+    training_directions: tuple[str, ...] = ("axial",)
 
 
 def to_slices(volume: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -73,9 +76,12 @@ class SliceModel(AnomalyModel):
         if unknown or not config.reading_directions or len(config.reading_weights) != len(config.reading_directions):
             raise UserInputError(f"reading_directions are some of {list(READING_AXES)}, with one reading_weights entry "
                                  f"each; got {list(config.reading_directions)} and {list(config.reading_weights)}")
-        if not self.reads_any_slice_shape and tuple(config.reading_directions) != ("axial",):
+        if not config.training_directions or set(config.training_directions) - set(READING_AXES):
+            raise UserInputError(f"training_directions are some of {list(READING_AXES)}; got "
+                                 f"{list(config.training_directions)}")
+        if not self.reads_any_slice_shape and {*config.reading_directions, *config.training_directions} != {"axial"}:
             raise UserInputError(f"{config.name} reads axial slices only (its network is sized for them); "
-                                 "leave reading_directions at [\"axial\"]")
+                                 "leave reading_directions and training_directions at [\"axial\"]")
         self.config = config
         for direction in dict.fromkeys(("axial", *config.reading_directions)):  # axial's always: old checkpoints
             for name in statistics_names(direction):
