@@ -34,8 +34,10 @@ LESION_RADIUS_MM = 9.0
 # Offsets from the centroid of each scan's brighter half of voxels (see brain_centroid_ras): for the IXI subject
 # the right centrum semiovale (white matter).
 IXI_LESION_OFFSET_RAS = np.array([25.0, 0.0, 15.0])
-# The sample (MSLUB patient 26): left frontal white matter, away from its own MS lesions.
-SAMPLE_LESION_OFFSET_RAS = np.array([-22.0, 20.0, 12.0])
+# The sample (MSLUB patient 26): left frontal white matter, away from its own MS lesions and from its enlarged
+# ventricles, which the default model flags (its known false positive there): at 22 mm from the centroid instead of
+# 28, the ball's flagged rim joined the frontal horn's component (12.3 ml in one piece).
+SAMPLE_LESION_OFFSET_RAS = np.array([-28.0, 20.0, 12.0])
 # Centroid of the flagged lesion vs the painted one; the map is median-filtered and registered at 2 mm.
 CENTROID_TOLERANCE_MM = 4.0
 # A clean scan: the `intensity` baseline at its calibrated threshold flags about 1.4 ml of this subject.
@@ -174,7 +176,7 @@ def test_a_painted_lesion_is_flagged_at_its_own_position(lesion_runs, name):
     painted_ml = 4 / 3 * np.pi * LESION_RADIUS_MM**3 / 1000
     # The flagged region runs a few mm past the lesion's edge (2 mm working grid, 5 mm median filter, 1 mm dilation,
     # and the denoising autoencoder of the default fusion smooths its residual): the default segments this 3.1 ml
-    # ball as ~9.6 ml on the sample (a boundary ~4 mm out). More than 4x would mean the map leaks into healthy tissue.
+    # ball as ~10.8 ml on the sample (a boundary ~4 mm out). More than 4x would mean the map leaks into healthy tissue.
     assert 0.5 * painted_ml < flagged_ml < 4 * painted_ml, (flagged_ml, painted_ml)
 
 
