@@ -89,9 +89,9 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
         seen = []
         augment = training._augment
 
-        def recording(images, masks, rng):
+        def recording(images, masks, rng, **options):
             seen.append(images.reshape(len(images), -1).sum(axis=1))
-            return augment(images, masks, rng)
+            return augment(images, masks, rng, **options)
 
         training._augment = recording
         config = training.TrainConfig(model="vqvae", data_dir=folder, out_dir=folder, steps=2, batch_size=4,
