@@ -38,7 +38,7 @@ from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
-from uad.models.slicewise import MAP_STATISTICS, READING_AXES
+from uad.models.slicewise import MAP_STATISTICS, READING_AXES, to_slices
 from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
 
@@ -442,14 +442,10 @@ def _restore_random_states(state: dict, rng: np.random.Generator, ddp: Distribut
 
 def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction: str = "axial",
                               min_brain_fraction: float = 0.05):
-    """(N, X, Y, Z) volumes -> (M, 1, H, W) slices in ``direction`` that contain brain (axial: (M, 1, X, Y))."""
-    axis = READING_AXES[direction] + 1  # the volumes' first axis is the subject
-
-    def cut(array: np.ndarray) -> np.ndarray:
-        moved = np.moveaxis(array, axis, 1)
-        return moved.reshape(-1, 1, *moved.shape[2:])
-
-    slices, slice_masks = cut(volumes), cut(masks)
+    """(N, X, Y, Z) volumes -> (M, 1, H, W) slices in ``direction`` that contain brain, as inference cuts them."""
+    axis = READING_AXES[direction]
+    slices = np.concatenate([to_slices(volume, axis) for volume in volumes])
+    slice_masks = np.concatenate([to_slices(mask, axis) for mask in masks])
     keep = slice_masks.mean(axis=(1, 2, 3)) >= min_brain_fraction
     return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
 
