@@ -17,8 +17,10 @@ patch retrieval passes over flat, tissue-like fills in white matter that the DAE
 the voxel's own intensity (``intensity_anchors``, in units of the brain's 99th percentile, and one row of member
 weights per anchor, interpolated linearly in between): on the validation cases a DAE weight of 0.5 at CSF-like,
 0.2 at grey-matter-like and 0.7 at white-matter-like intensity scored 0.483 against 0.458 for one weight everywhere
-(Resources/fusion-weights-validation.txt). A lesion's voxels take the weights of the intensity they have, not of the
-tissue they replaced, which is what the validation lesions (painted darker than the tissue) measured.
+(the bundled fusion, with the sharper dae of today, uses 0.7 / 0.3 / 1.0: Resources/fusion-weights-validation.txt;
+the searches between are in Resources/reading-directions-validation.txt). A lesion's voxels take the weights of the
+intensity they have, not of the tissue they replaced, which is what the validation lesions (painted darker than the
+tissue) measured.
 
 The members are not copied into this checkpoint (that would double the package): it names them and records
 their SHA-256, and loading verifies that the bundled files are exactly those the fusion was fitted with.

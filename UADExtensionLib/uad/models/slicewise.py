@@ -46,7 +46,8 @@ class SliceConfig(ModelConfig):
     # reconstructs coronal and sagittal ones, less well but with errors elsewhere on healthy tissue, while a lesion
     # looks wrong from every side. Each direction is z-scored on its own healthy statistics. Slice scores (per axial
     # slice) come from the axial reading alone. For the dae, axial/coronal/sagittal at 0.6/0.2/0.2 raised the fusion's
-    # validation score from 0.490 to 0.502 at 3x the network time (Resources/reading-directions-validation.txt).
+    # validation score from 0.490 to 0.502 at 3x the network time (Resources/reading-directions-validation.txt); once
+    # it was trained on all three, 0.4/0.3/0.3 scored best (tools/compare_reading_weights.py).
     reading_directions: tuple[str, ...] = ("axial",)
     reading_weights: tuple[float, ...] = (1.0,)
     # Slice directions the network is trained on: each training step draws its batch from one of them, at random.
