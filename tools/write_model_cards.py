@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from uad import catalog
 from uad.checkpoint import load_checkpoint
 
-OUT = Path(__file__).resolve().parents[1] / "Resources" / "MODEL_CARDS.md"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "Resources" / "MODEL_CARDS.md"
 RESULTS = OUT.with_name("evaluation-results.json")
 GPU_RUNS = OUT.with_name("gpu-training-runs.json")  # every run of tools/train_on_gpu.py, bundled or not
 # Training-free models have no validation curve; their settings were chosen on validation cases by these tools.
@@ -60,12 +62,21 @@ def _training_lines(name: str, training: dict, config: dict) -> list[str]:
                 "statistics and threshold fitted again for this config. That file did not record the run that "
                 "trained the weights: tools/reproduce_bundled.sh names it.",
                 f"- With this config the final map scores {final} on the validation subjects."]
-    return [f"- Training: none in this run (`--steps 0`, {when}): the weights of the earlier bundled `{name}` "
+    # The validation anomalies are drawn with the run's seed: a rescoring with another seed scores other ones.
+    seeds = (re.search(r"--seed (\d+)", base["command"]), training.get("config", {}).get("seed"))
+    same_data = seeds[0] is None or int(seeds[0].group(1)) == seeds[1]
+    data = "on the same data" if same_data else \
+        f"on the validation anomalies of seed {seeds[1]}, that run's figures on those of seed {seeds[0].group(1)}"
+    origin = Path(base.get("path", "?"))
+    bundled = origin.parts[-4:] == ("uad", "resources", "weights", f"{name}.pt")
+    shown = origin.relative_to(ROOT) if origin.is_relative_to(ROOT) else origin
+    weights = f"the earlier bundled `{name}`" if bundled else f"`{shown}`"
+    return [f"- Training: none in this run (`--steps 0`, {when}): the weights of {weights} "
             f"(SHA-256 `{base['sha256'][:12]}...`), {base.get('steps', '?')} steps of `{base['command']}`{via}, "
             "with their map statistics and threshold fitted again for this config.",
             f"- Checkpoint selection (that run's): {_selection(base.get('best_validation') or {})}. With this "
-            f"config the final map scores {final} on the same data (a score recorded by an older run may not be "
-            "reproduced by today's code: compare figures measured together)."]
+            f"config the final map scores {final} {data}. A score recorded by an older run may not be "
+            "reproduced by today's code: compare figures measured together."]
 
 
 def _curve(curve: list) -> str:
