@@ -41,8 +41,9 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     checkpoint = load_checkpoint(resolve_checkpoint_path(args.model))
     model = checkpoint.model.eval()
-    model.config = replace(model.config, reading_directions=("axial", "coronal", "sagittal"),
-                           mirror_averaging=model.config.mirror_averaging and not args.no_mirror)
+    if tuple(getattr(model.config, "reading_directions", ())) != ("axial", "coronal", "sagittal"):
+        parser.error(f"{args.model} does not read axial, coronal and sagittal slices: nothing to weigh")
+    model.config = replace(model.config, mirror_averaging=model.config.mirror_averaging and not args.no_mirror)
     cohort = load_cohort(TrainConfig(model=model.config.name, data_dir=str(args.data / "healthy/ixi_t1"), out_dir="",
                                      cache_dir=args.cache), checkpoint.preprocessing)
     fitted = slice(None, args.fit_subjects or None)
