@@ -49,9 +49,9 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 #       --init-from runs/dae-views/model.pt
 # then read with its three directions weighted 0.4 / 0.3 / 0.3 (exploratory grid on those weights: run 6 of
 # Resources/reading-directions-validation.txt; tools/compare_reading_weights.py scores it on the bundled weights:
-# Resources/reading-weights-validation.txt) and
-# trained 2000 more steps (~15 min on the CPU; seed 1, so that its batches are not run 5's first 2000 again), its final
-# map then scored at seed 0 like every earlier run's (--steps 0; seed 1 had drawn other validation anomalies):
+# Resources/reading-weights-validation.txt) and trained 2000 more steps (~15 min on the CPU; seed 1, so that its
+# batches are not run 5's first 2000 again), its final map then scored at seed 0 like every earlier run's (--steps 0;
+# seed 1 had drawn other validation anomalies):
 #   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-3d-more --cache "$CACHE" --seed 1 \
 #       --steps 2000 --batch-size 32 --lr 0.0001 --validate-every 500 --checkpoint-every 250 --threads 2 \
 #       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \

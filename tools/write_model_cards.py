@@ -63,10 +63,11 @@ def _training_lines(name: str, training: dict, config: dict) -> list[str]:
                 "trained the weights: tools/reproduce_bundled.sh names it.",
                 f"- With this config the final map scores {final} on the validation subjects."]
     # The validation anomalies are drawn with the run's seed: a rescoring with another seed scores other ones.
-    seeds = (re.search(r"--seed (\d+)", base["command"]), training.get("config", {}).get("seed"))
-    same_data = seeds[0] is None or int(seeds[0].group(1)) == seeds[1]
-    data = "on the same data" if same_data else \
-        f"on the validation anomalies of seed {seeds[1]}, that run's figures on those of seed {seeds[0].group(1)}"
+    base_seed = re.search(r"--seed (\d+)", base["command"])
+    own_seed = training.get("config", {}).get("seed")
+    data = "on the same data"
+    if base_seed and int(base_seed.group(1)) != own_seed:
+        data = f"on the validation anomalies of seed {own_seed}, that run's figures on those of seed {base_seed[1]}"
     origin = Path(base.get("path", "?"))
     bundled = origin.parts[-4:] == ("uad", "resources", "weights", f"{name}.pt")
     shown = origin.relative_to(ROOT) if origin.is_relative_to(ROOT) else origin
