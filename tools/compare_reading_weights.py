@@ -1,15 +1,16 @@
-"""How the dae's reading_weights (its axial, coronal and sagittal readings' shares of the map) were chosen, on the
-VALIDATION subjects (never test subjects, never lesion cases).
+"""How the dae's reading_weights and reading_power (how its axial, coronal and sagittal readings are averaged into
+the map) were chosen, on the VALIDATION subjects (never test subjects, never lesion cases).
 
     python tools/compare_reading_weights.py --data ../shared/data --cache /work/cache/uad --fit-subjects 40 \
-        --no-mirror > Resources/reading-weights-validation.txt
+        --no-mirror --powers 1 0.5 > Resources/reading-weights-validation.txt
 
-Each direction's healthy map statistics do not depend on the weights, so they are fitted once (on the first
-``--fit-subjects`` training subjects, for time); every weighting is then scored by the measure `uad train` records as
-``auprc_final_map``: pooled AUPRC of the median-filtered map on two synthetic anomalies per validation scan (fixed
-seed). ``--no-mirror`` reads each scan once instead of twice with its mirror image (half the time; the weights are
-compared, not the level). The chosen weights are then fitted in full by `uad train --steps 0`
-(tools/reproduce_bundled.sh), which records the final figure in the checkpoint.
+Each direction's healthy map statistics and readings do not depend on the weights, so they are fitted once (on the
+first ``--fit-subjects`` training subjects, for time) and each case is read once; every weighting and power is then
+scored by the measure `uad train` records as ``auprc_final_map``: pooled AUPRC of the median-filtered map on two
+synthetic anomalies per validation scan, drawn as it draws them (seed 0). ``--no-mirror`` reads each scan once
+instead of twice with its mirror image (half the time; the weightings are compared, not the level). The chosen ones
+are then fitted in full by `uad train --steps 0` (tools/reproduce_bundled.sh), which records the final figure in the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from uad.calibration import validation_auprc
+from uad.calibration import SYNTHETIC_VALIDATION_SEED_OFFSET
 from uad.checkpoint import load_checkpoint
 from uad.inference import resolve_checkpoint_path
+from uad.metrics import auprc
+from uad.postprocessing import PostprocessConfig, median_filter
+from uad.synthetic import add_synthetic_anomaly
 from uad.training import TrainConfig, load_cohort
+
+SPACING = (2.0, 2.0, 2.0)
 
 WEIGHTINGS = ((0.6, 0.2, 0.2), (0.2, 0.4, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.45, 0.275, 0.275), (0.4, 0.3, 0.3),
               (0.4, 0.4, 0.2), (0.4, 0.2, 0.4), (0.3, 0.4, 0.3), (0.3, 0.3, 0.4))
@@ -37,6 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="dae", help="bundled name or checkpoint path of a slice model")
     parser.add_argument("--fit-subjects", type=int, default=0, help="training subjects for the statistics (0: all)")
     parser.add_argument("--no-mirror", action="store_true", help="score without mirror averaging (half the time)")
+    parser.add_argument("--powers", type=float, nargs="+", default=[1.0], help="reading_power values to score")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     checkpoint = load_checkpoint(resolve_checkpoint_path(args.model))
@@ -51,12 +59,23 @@ def main() -> None:
     print(f"# {args.model}: statistics on {len(cohort.train_images[fitted])} training subjects, "
           f"mirror averaging {model.config.mirror_averaging}; validation AUPRC of the final map "
           f"({len(cohort.validation_images)} validation subjects x 2 synthetic anomalies)")
-    print("axial coronal sagittal | validation AUPRC")
-    for weights in WEIGHTINGS:
-        model.config = replace(model.config, reading_weights=weights)
-        auprc = validation_auprc(model, cohort.validation_images, cohort.validation_masks, seed=0)
-        print(f"{weights[0]:.3f} {weights[1]:.3f} {weights[2]:.3f} | {auprc:.4f}", flush=True)
-
+    # The anomalies of calibration.validation_auprc (what `uad train` records), each case read once.
+    rng = np.random.default_rng(SYNTHETIC_VALIDATION_SEED_OFFSET)
+    median_mm = PostprocessConfig(threshold=0.0).median_mm
+    cases = []
+    for image, mask in zip(cohort.validation_images, cohort.validation_masks):
+        for _ in range(2):
+            modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=SPACING[0])
+            cases.append((model.read_directions(modified, mask), truth, mask))
+    truths, masks = np.stack([truth for _, truth, _ in cases]), np.stack([mask for _, _, mask in cases])
+    print("axial coronal sagittal power | validation AUPRC")
+    for power in args.powers:
+        for weights in WEIGHTINGS:
+            model.config = replace(model.config, reading_weights=weights, reading_power=power)
+            maps = np.stack([median_filter(model.combine_readings(readings).anomaly_map, mask, SPACING, median_mm)
+                             for readings, _, mask in cases])
+            score = auprc(maps, truths, mask=masks)
+            print(f"{weights[0]:.3f} {weights[1]:.3f} {weights[2]:.3f} {power:g} | {score:.4f}", flush=True)
 
 if __name__ == "__main__":
     main()

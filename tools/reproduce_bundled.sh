@@ -51,17 +51,19 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # Resources/reading-directions-validation.txt; tools/compare_reading_weights.py scores it on the bundled weights:
 # Resources/reading-weights-validation.txt) and trained 2000 more steps (~15 min on the CPU; seed 1, so that its
 # batches are not run 5's first 2000 again), its final map then scored at seed 0 like every earlier run's (--steps 0;
-# seed 1 had drawn other validation anomalies):
+# seed 1 had drawn other validation anomalies) with its three readings averaged by a power mean of exponent 0.5
+# (reading_power; tools/compare_reading_weights.py --powers, Resources/reading-weights-validation.txt):
 #   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-3d-more --cache "$CACHE" --seed 1 \
 #       --steps 2000 --batch-size 32 --lr 0.0001 --validate-every 500 --checkpoint-every 250 --threads 2 \
 #       --option noise_grid_divisor=4 --option noise_std=0.3 --option foreign_patch_probability=0.5 \
 #       --option mirror_averaging=true --option 'reading_directions=["axial","coronal","sagittal"]' \
 #       --option 'reading_weights=[0.4,0.3,0.3]' --option 'training_directions=["axial","coronal","sagittal"]' \
 #       --init-from runs/dae-3d-train/model.pt
-#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-3d-more-s0 --cache "$CACHE" --seed 0 \
+#   uad train --model dae --data "$DATA/healthy/ixi_t1" --out runs/dae-power-s0 --cache "$CACHE" --seed 0 \
 #       --steps 0 --threads 2 --option noise_grid_divisor=4 --option noise_std=0.3 \
 #       --option foreign_patch_probability=0.5 --option mirror_averaging=true \
 #       --option 'reading_directions=["axial","coronal","sagittal"]' --option 'reading_weights=[0.4,0.3,0.3]' \
+#       --option reading_power=0.5 \
 #       --option 'training_directions=["axial","coronal","sagittal"]' --init-from runs/dae-3d-more/model.pt
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
@@ -86,24 +88,21 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
     --out runs/mae-classifier --cache "$CACHE" --seed 0 --steps 600 --batch-size 16 --lr 5e-4 --validate-every 600
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
-# The dae's weight at CSF-, grey- and white-matter-like intensity on a grid around the previous dae's best
+# The dae's weight at CSF-, grey- and white-matter-like intensity was chosen on a grid around the previous dae's best
 # (Resources/reading-directions-validation.txt has the wider searches before it, run 6 is this one; one single weight
-# and one stricter FPR only, for time):
-python tools/choose_fusion_weights.py --data "$DATA" --members dae patch-retrieval --grid 0.5 --sigmas 0 --medians 0 \
-    --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.7,0.8 0.3,0.4 0.9,1.0 \
-    | tee Resources/fusion-weights-validation.txt
-CHOICE=$(tail -1 Resources/fusion-weights-validation.txt)
-FUSION_WEIGHTS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['weights'])")
-FUSION_ANCHORS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['intensity_anchors'])")
-FUSION_ROWS=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['anchor_weights'])")
-FUSION_SIGMA=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['smoothing_sigma_voxels'])")
-FUSION_MEDIAN=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['median_mm'])")
-FUSION_FPR=$(echo "$CHOICE" | python -c "import json, sys; print(json.load(sys.stdin)['fpr'])")
+# and one stricter FPR only, for time), on the dae before its readings were power-averaged (reading_power 0.5); the
+# bundled fusion keeps that choice, calibrated on the current dae. To choose again on the current one (~40 min):
+#   python tools/choose_fusion_weights.py --data "$DATA" --members dae patch-retrieval --grid 0.5 --sigmas 0 \
+#       --medians 0 --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.7,0.8 0.3,0.4 0.9,1.0 \
+#       | tee Resources/fusion-weights-validation.txt
+# and pass its last line's choice to the command below.
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
-    --option 'members=["dae","patch-retrieval"]' --option "weights=$FUSION_WEIGHTS" \
-    --option "intensity_anchors=$FUSION_ANCHORS" --option "anchor_weights=$FUSION_ROWS" \
-    --option "smoothing_sigma_voxels=$FUSION_SIGMA" --median-mm "$FUSION_MEDIAN" \
-    --fpr "$FUSION_FPR"
+    --option 'members=["dae","patch-retrieval"]' --option 'weights=[0.6667,0.3333]' \
+    --option 'intensity_anchors=[0.2,0.5,0.8]' --option 'anchor_weights=[[0.7,0.3],[0.3,0.7],[1.0,0.0]]' \
+    --option smoothing_sigma_voxels=0.0 --median-mm 0.0 --fpr 0.01
+# Its segmentation steps (brain erosion, smallest component, top-K) were scored on validation and left as they are:
+#   python tools/choose_postprocessing.py --data "$DATA" --model runs/fusion/model.pt \
+#       > Resources/postprocessing-validation.txt
 python tools/bundle_weights.py runs/fusion --default fusion
 MODELS="intensity dae patch-retrieval fusion rae vqvae vqvae-transformer swin-mae mae-classifier"
 uad evaluate --data "$DATA" --models $MODELS --cache "$CACHE" --mask-sizes 64  # both sizes: drop --mask-sizes (+25 min)

@@ -89,6 +89,24 @@ def test_dae_reading_directions_average_the_axial_coronal_and_sagittal_readings_
     np.testing.assert_allclose(three.predict(image, mask).anomaly_map, expected, atol=1e-5)
 
 
+def test_dae_reading_power_takes_the_weighted_power_mean_of_the_readings_maps_only():
+    torch.manual_seed(0)
+    model = build_model(DAEConfig(channels=(8, 16, 32), reading_directions=("axial", "coronal", "sagittal"),
+                                  reading_weights=(2.0, 1.0, 1.0), reading_power=0.5)).eval()
+    image, mask = healthy_like()
+    image[20:30, 40:50, 30:40] = 0.1
+    axial, coronal, sagittal = model.read_directions(image, mask)
+    prediction = model.predict(image, mask)
+    roots = (2 * np.sqrt(axial.anomaly_map) + np.sqrt(coronal.anomaly_map) + np.sqrt(sagittal.anomaly_map)) / 4
+    np.testing.assert_allclose(prediction.anomaly_map, roots**2, atol=1e-5)
+    # Below the arithmetic mean wherever the readings disagree; the reconstruction is still the weighted average.
+    mean = (2 * axial.anomaly_map + coronal.anomaly_map + sagittal.anomaly_map) / 4
+    assert (prediction.anomaly_map <= mean + 1e-6).all() and (prediction.anomaly_map < mean - 1e-3).any()
+    np.testing.assert_allclose(prediction.reconstruction,
+                               (2 * axial.reconstruction + coronal.reconstruction + sagittal.reconstruction) / 4,
+                               atol=1e-6)
+
+
 def test_dae_z_scores_each_reading_direction_on_its_own_healthy_statistics():
     torch.manual_seed(0)
     plain = build_model(DAEConfig(channels=(8, 16, 32))).eval()  # its statistics stay unfitted: raw maps
@@ -124,13 +142,16 @@ def test_a_checkpoint_keeps_each_reading_direction_s_statistics(tmp_path):
                                atol=1e-5)
 
 
-def test_dae_refuses_an_unknown_reading_or_training_direction_or_a_missing_weight():
+def test_dae_refuses_an_unknown_reading_or_training_direction_a_missing_weight_or_a_bad_power():
     with pytest.raises(UserInputError, match="reading_directions"):
         build_model(DAEConfig(reading_directions=("oblique",)))
     with pytest.raises(UserInputError, match="reading_weights"):
         build_model(DAEConfig(reading_directions=("axial", "coronal"), reading_weights=(1.0,)))
     with pytest.raises(UserInputError, match="training_directions"):
         build_model(DAEConfig(training_directions=("axial", "oblique")))
+    for power in (0.0, 1.5):
+        with pytest.raises(UserInputError, match="reading_power"):
+            build_model(DAEConfig(reading_power=power))
 
 
 def test_dae_learns_to_remove_its_noise():

@@ -50,6 +50,11 @@ class SliceConfig(ModelConfig):
     # it was trained on all three, 0.4/0.3/0.3 scored best (tools/compare_reading_weights.py).
     reading_directions: tuple[str, ...] = ("axial",)
     reading_weights: tuple[float, ...] = (1.0,)
+    # The readings' anomaly maps are averaged by a weighted power mean of this exponent (1: the arithmetic mean).
+    # Below 1, one reading's high z-score counts for less than the same total spread over all of them: a lesion looks
+    # wrong from every side, a healthy edge mostly from the slice plane it lies in. For the dae, 0.5 raised the final
+    # map's validation AUPRC from 0.769 to 0.775 at the same weights (tools/compare_reading_weights.py --powers).
+    reading_power: float = 1.0
     # Slice directions the network is trained on: each training step draws its batch from one of them, at random.
     # A net that will read coronal and sagittal slices then learns them as well as axial ones.
     training_directions: tuple[str, ...] = ("axial",)
@@ -77,6 +82,9 @@ class SliceModel(AnomalyModel):
         if unknown or not config.reading_directions or len(config.reading_weights) != len(config.reading_directions):
             raise UserInputError(f"reading_directions are some of {list(READING_AXES)}, with one reading_weights entry "
                                  f"each; got {list(config.reading_directions)} and {list(config.reading_weights)}")
+        if not 0 < config.reading_power <= 1:
+            raise UserInputError("reading_power is a power-mean exponent above 0 and at most 1; got "
+                                 f"{config.reading_power}")
         if not config.training_directions or set(config.training_directions) - set(READING_AXES):
             raise UserInputError(f"training_directions are some of {list(READING_AXES)}; got "
                                  f"{list(config.training_directions)}")
@@ -128,14 +136,27 @@ class SliceModel(AnomalyModel):
 
     @torch.inference_mode()
     def predict(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> Prediction:
-        directions, total = self.config.reading_directions, sum(self.config.reading_weights)
+        return self.combine_readings(self.read_directions(image, brain_mask, mask_size_px, batch_size, progress))
+
+    @torch.inference_mode()
+    def read_directions(self, image, brain_mask, mask_size_px=None, batch_size=16, progress=None) -> list[Prediction]:
+        """One prediction per reading direction, in the config's order, each z-scored on its own statistics."""
+        directions = self.config.reading_directions
         readings = []
         for done, direction in enumerate(directions):
             share = (lambda f, done=done: progress((done + f) / len(directions))) if progress else None
             readings.append(self._mirror_averaged(image, brain_mask, mask_size_px, batch_size, share, direction))
-        outputs = {output: sum(getattr(reading, output) * (weight / total)
-                               for reading, weight in zip(readings, self.config.reading_weights))
-                   for output in ("reconstruction", "residual", "anomaly_map")}
+        return readings
+
+    def combine_readings(self, readings: list[Prediction]) -> Prediction:
+        """The readings averaged by their weights; the anomaly map by the power mean of ``reading_power``."""
+        shares = [weight / sum(self.config.reading_weights) for weight in self.config.reading_weights]
+        outputs = {output: sum(getattr(reading, output) * share for reading, share in zip(readings, shares))
+                   for output in ("reconstruction", "residual")}
+        power = self.config.reading_power
+        outputs["anomaly_map"] = sum(np.power(reading.anomaly_map, power) * share
+                                     for reading, share in zip(readings, shares)) ** (1 / power)
+        directions = self.config.reading_directions
         axial = readings[directions.index("axial")].slice_scores if "axial" in directions else None
         return Prediction(**outputs, slice_scores=axial)
 
