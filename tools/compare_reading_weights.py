@@ -77,5 +77,6 @@ def main() -> None:
             score = auprc(maps, truths, mask=masks)
             print(f"{weights[0]:.3f} {weights[1]:.3f} {weights[2]:.3f} {power:g} | {score:.4f}", flush=True)
 
+
 if __name__ == "__main__":
     main()
