@@ -102,22 +102,34 @@ def training_volumes(data: Path, cache: str, preprocessing) -> tuple[np.ndarray,
 def score(filtered, post: PostprocessConfig, fpr: float) -> dict:
     """Pooled AUPRC and mean Dice at the threshold calibrated at ``fpr`` on the healthy cases, per kind of case, and
     their overall mean; ``filtered`` holds (kind, fused and filtered map, truth, brain) per case."""
-    healthy = [(f, mask) for kind, f, _, mask in filtered if kind == "healthy"]
-    threshold, _ = healthy_threshold([f for f, _ in healthy], [m for _, m in healthy], post, fpr, SPACING)
-    post = replace(post, threshold=threshold)
-    pooled, dices = {}, {}
+    pooled = {}
     for kind, f, truth, mask in filtered:
-        if kind == "healthy":
-            continue
-        scores, labels = pooled.setdefault(kind, ([], []))
-        scores.append(f[mask])
-        labels.append(truth[mask])
-        dices.setdefault(kind, []).append(dice(segment_filtered(f, mask, SPACING, post), truth))
+        if kind != "healthy":
+            scores, labels = pooled.setdefault(kind, ([], []))
+            scores.append(f[mask])
+            labels.append(truth[mask])
     result = {f"auprc {kind}": auprc(np.concatenate(s), np.concatenate(t)) for kind, (s, t) in pooled.items()}
-    result |= {f"dice {kind}": float(np.mean(d)) for kind, d in dices.items()}
+    dices, threshold, _ = calibrated_dice(filtered, post, fpr)
+    result |= dices
     result["mean"] = float(np.mean(list(result.values())))
     result["threshold"] = threshold
     return result
+
+
+def calibrated_dice(filtered, post: PostprocessConfig, fpr: float) -> tuple[dict, float, float]:
+    """({"dice <kind>": mean Dice}, the threshold calibrated at ``fpr`` on the healthy cases, the mean volume in ml
+    that ``post`` then segments on them); ``filtered`` as for :func:`score`."""
+    healthy = [(f, mask) for kind, f, _, mask in filtered if kind == "healthy"]
+    threshold, _ = healthy_threshold([f for f, _ in healthy], [m for _, m in healthy], post, fpr, SPACING)
+    post = replace(post, threshold=threshold)
+    dices, flagged_ml = {}, []
+    for kind, f, truth, mask in filtered:
+        segmentation = segment_filtered(f, mask, SPACING, post)
+        if kind == "healthy":
+            flagged_ml.append(segmentation.sum() * np.prod(SPACING) / 1000)
+        else:
+            dices.setdefault(f"dice {kind}", []).append(dice(segmentation, truth))
+    return {kind: float(np.mean(d)) for kind, d in dices.items()}, threshold, float(np.mean(flagged_ml))
 
 
 def main() -> None:

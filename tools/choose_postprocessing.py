@@ -28,34 +28,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from choose_fusion_weights import SPACING, validation_cases
+from choose_fusion_weights import SPACING, calibrated_dice, validation_cases
 
-from uad.calibration import healthy_threshold
 from uad.checkpoint import load_checkpoint
 from uad.inference import resolve_checkpoint_path
-from uad.metrics import dice
-from uad.postprocessing import median_filter, segment_filtered
+from uad.postprocessing import median_filter
 
-VOXEL_ML = float(np.prod(SPACING)) / 1000
 MAX_DICE_LOSS = 0.01  # on any kind of case, against the current settings
 
 
 def score(cases, post, fpr: float) -> dict:
     """Mean Dice per kind of case at the threshold calibrated at ``fpr`` on the clean scans, their mean, and the
     mean volume flagged on the clean scans; ``cases`` holds (kind, filtered map, truth, brain)."""
-    healthy = [(f, mask) for kind, f, _, mask in cases if kind == "healthy"]
-    threshold, _ = healthy_threshold([f for f, _ in healthy], [m for _, m in healthy], post, fpr, SPACING)
-    post = replace(post, threshold=threshold)
-    dices, flagged = {}, []
-    for kind, f, truth, mask in cases:
-        segmentation = segment_filtered(f, mask, SPACING, post)
-        if kind == "healthy":
-            flagged.append(segmentation.sum() * VOXEL_ML)
-        else:
-            dices.setdefault(kind, []).append(dice(segmentation, truth))
-    result = {f"dice {kind}": float(np.mean(d)) for kind, d in dices.items()}
+    result, threshold, healthy_ml = calibrated_dice(cases, post, fpr)
     result["mean dice"] = float(np.mean(list(result.values())))
-    result["healthy ml"] = float(np.mean(flagged))
+    result["healthy ml"] = healthy_ml
     result["threshold"] = threshold
     return result
 

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uad.calibration import SYNTHETIC_VALIDATION_SEED_OFFSET
+from uad.calibration import validation_anomalies
 from uad.checkpoint import load_checkpoint
 from uad.inference import resolve_checkpoint_path
 from uad.metrics import auprc
 from uad.postprocessing import PostprocessConfig, median_filter
-from uad.synthetic import add_synthetic_anomaly
 from uad.training import TrainConfig, load_cohort
 
-SPACING = (2.0, 2.0, 2.0)
+SPACING = (2.0, 2.0, 2.0)  # the working grid's, where validation_anomalies draws by default
 
 WEIGHTINGS = ((0.6, 0.2, 0.2), (0.2, 0.4, 0.4), (1 / 3, 1 / 3, 1 / 3), (0.45, 0.275, 0.275), (0.4, 0.3, 0.3),
               (0.4, 0.4, 0.2), (0.4, 0.2, 0.4), (0.3, 0.4, 0.3), (0.3, 0.3, 0.4))
@@ -60,13 +59,9 @@ def main() -> None:
           f"mirror averaging {model.config.mirror_averaging}; validation AUPRC of the final map "
           f"({len(cohort.validation_images)} validation subjects x 2 synthetic anomalies)")
     # The anomalies of calibration.validation_auprc (what `uad train` records), each case read once.
-    rng = np.random.default_rng(SYNTHETIC_VALIDATION_SEED_OFFSET)
+    cases = [(model.read_directions(modified, mask), truth, mask)
+             for modified, truth, mask in validation_anomalies(cohort.validation_images, cohort.validation_masks)]
     median_mm = PostprocessConfig(threshold=0.0).median_mm
-    cases = []
-    for image, mask in zip(cohort.validation_images, cohort.validation_masks):
-        for _ in range(2):
-            modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=SPACING[0])
-            cases.append((model.read_directions(modified, mask), truth, mask))
     truths, masks = np.stack([truth for _, truth, _ in cases]), np.stack([mask for _, _, mask in cases])
     print("axial coronal sagittal power | validation AUPRC")
     for power in args.powers:

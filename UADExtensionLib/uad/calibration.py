@@ -94,19 +94,26 @@ def calibrate_model(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, 
 SYNTHETIC_VALIDATION_SEED_OFFSET = 1000  # validation anomalies are drawn apart from any other seeded stream
 
 
+def validation_anomalies(images: np.ndarray, masks: np.ndarray, seed: int = 0, anomalies_per_volume: int = 2,
+                         spacing_mm: float = 2.0):
+    """Yields (image with a synthetic anomaly, its truth, brain mask) per validation case, drawn from a fixed seed."""
+    rng = np.random.default_rng(seed + SYNTHETIC_VALIDATION_SEED_OFFSET)
+    for image, mask in zip(images, masks):
+        for _ in range(anomalies_per_volume):
+            modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=spacing_mm)
+            yield modified, truth, mask
+
+
 def validation_auprc(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, seed: int = 0,
                      anomalies_per_volume: int = 2, spacing_mm: float = 2.0, mask_size_px: int | None = None,
                      mask_mode: str = "sliding") -> float:
     """Pooled voxel AUPRC on synthetic anomalies in the validation volumes (fixed seed: comparable over steps)."""
-    rng = np.random.default_rng(seed + SYNTHETIC_VALIDATION_SEED_OFFSET)
     post = PostprocessConfig(threshold=0.0)
     scores, labels, brains = [], [], []
-    for image, mask in zip(images, masks):
-        for _ in range(anomalies_per_volume):
-            modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=spacing_mm)
-            scores.append(filtered_map(model, modified, mask, post, (spacing_mm,) * 3, mask_size_px, mask_mode))
-            labels.append(truth)
-            brains.append(mask)
+    for modified, truth, mask in validation_anomalies(images, masks, seed, anomalies_per_volume, spacing_mm):
+        scores.append(filtered_map(model, modified, mask, post, (spacing_mm,) * 3, mask_size_px, mask_mode))
+        labels.append(truth)
+        brains.append(mask)
     return auprc(np.stack(scores), np.stack(labels), mask=np.stack(brains))
 
 
