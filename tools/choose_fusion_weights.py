@@ -46,7 +46,7 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 from uad.calibration import SYNTHETIC_VALIDATION_SEED_OFFSET, healthy_threshold
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
-from uad.evaluation import placement_mask
+from uad.evaluation import placement_mask, stored_predict
 from uad.inference import resolve_checkpoint_path
 from uad.lesion_shapes import add_stroke_lesion, add_stroke_lesions, lesion_shape_files
 from uad.metrics import auprc, dice
@@ -151,12 +151,16 @@ def main() -> None:
                         help="healthy-voxel false-positive rate of the operating point the choice is made at")
     parser.add_argument("--fprs", type=float, nargs="+", default=[0.005, 0.0025, 0.001],
                         help="other false-positive rates to score, for information")
+    parser.add_argument("--predictions", default=None,
+                        help="folder to keep the members' predictions in (as `uad evaluate` does), so that another "
+                             "run with other settings costs no network or retrieval pass")
     args = parser.parse_args()
     if len(args.anchor_grid) != len(args.anchors):
         parser.error("--anchor-grid needs one list of weights per --anchors value")
     rates = sorted({args.fpr, *args.fprs}, reverse=True)
-    members = [load_checkpoint(resolve_checkpoint_path(name)).model for name in args.members]
-    cases = [(kind, [m.predict(image, mask).anomaly_map for m in members], truth, mask, image)
+    members = [load_checkpoint(resolve_checkpoint_path(name)) for name in args.members]
+    cases = [(kind, [stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map
+                     for m in members], truth, mask, image)
              for kind, image, truth, mask in validation_cases(args.data, args.cache)]
     scores, configs = {}, {}
     for median in args.medians:
@@ -187,6 +191,8 @@ def weightings(args) -> list[tuple[str, dict]]:
         return weight, round(1 - weight, 4)
 
     found = [(f"{w:.2f}", {"weights": pair(w)}) for w in args.grid]
+    if not args.anchors:  # the product of no lists is one empty combination, not none
+        return found
     for combination in itertools.product(*[[float(w) for w in ws.split(",")] for ws in args.anchor_grid]):
         label = " ".join(f"{w:.2f}@{a:g}" for w, a in zip(combination, args.anchors))
         # ``weights`` is unused where anchors are given; the anchors' mean shows the overall balance.

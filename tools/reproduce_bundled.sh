@@ -89,13 +89,17 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
 # The dae's weight at CSF-, grey- and white-matter-like intensity was chosen on a grid around the previous dae's best
-# (Resources/reading-directions-validation.txt has the wider searches before it, run 6 is this one; one single weight
-# and one stricter FPR only, for time), on the dae before its readings were power-averaged (reading_power 0.5); the
-# bundled fusion keeps that choice, calibrated on the current dae. To choose again on the current one (~40 min):
-#   python tools/choose_fusion_weights.py --data "$DATA" --members dae patch-retrieval --grid 0.5 --sigmas 0 \
-#       --medians 0 --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.7,0.8 0.3,0.4 0.9,1.0 \
-#       | tee Resources/fusion-weights-validation.txt
-# and pass its last line's choice to the command below.
+# (Resources/reading-directions-validation.txt has the wider searches before it), on the dae before its readings were
+# power-averaged (run 6, in the git history of Resources/fusion-weights-validation.txt). Chosen again on the
+# power-averaged dae (~15 min; the members' predictions are kept in the folder given, so another grid costs no
+# network pass):
+#   python tools/choose_fusion_weights.py --data "$DATA" --members dae patch-retrieval --grid 1.0 --sigmas 0 \
+#       --medians 0 --fprs 0.005 --anchors 0.2 0.5 0.8 --anchor-grid 0.6,0.7,0.8,0.9 0.2,0.3,0.4 0.9,1.0 \
+#       --predictions "$CACHE/validation-predictions" | tee Resources/fusion-weights-validation.txt
+# 0.8 / 0.3 / 1.0 scored 0.5212 against these weights' 0.5200, a gain whose interval over validation subjects
+# includes 0, so these stay:
+#   python tools/compare_fusion_weights.py --data "$DATA" --incumbent 0.7 0.3 1.0 --candidate 0.8 0.3 1.0 \
+#       --predictions "$CACHE/validation-predictions" > Resources/fusion-weights-paired.txt
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option 'weights=[0.6667,0.3333]' \
     --option 'intensity_anchors=[0.2,0.5,0.8]' --option 'anchor_weights=[[0.7,0.3],[0.3,0.7],[1.0,0.0]]' \

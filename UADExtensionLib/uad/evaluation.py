@@ -109,7 +109,7 @@ class Variant:
     checkpoint_path: Path
     mask_size_mm: int | None
     mask_mode: str = "sliding"
-    predictions_dir: str | None = None  # where fusion members' predictions are kept (see _stored_predict)
+    predictions_dir: str | None = None  # where fusion members' predictions are kept (see stored_predict)
 
     @property
     def label(self) -> str:
@@ -125,11 +125,11 @@ class Variant:
         px = self.checkpoint.preprocessing.mask_size_px(self.mask_size_mm) if self.mask_size_mm else None
         model = self.checkpoint.model
         if isinstance(model, FusionModel):  # its members' maps of the same case are usually computed already
-            predictions = [_stored_predict(member, sha, image, mask, px, self.predictions_dir)
+            predictions = [stored_predict(member, sha, image, mask, px, self.predictions_dir)
                            for member, sha in zip(model.load_members(), model.member_files)]
             return model.combine(predictions, image, mask)
         if self.predictions_dir and model.config.name in _STORED_MODELS:
-            return _stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
+            return stored_predict(model, self.checkpoint.sha256, image, mask, px, self.predictions_dir)
         return predict_with_mask_mode(model, image, mask, px, self.mask_mode)
 
     def filtered(self, prediction, mask: np.ndarray) -> np.ndarray:
@@ -142,7 +142,7 @@ class Variant:
 _STORED_MODELS = set(FusionConfig().members)
 
 
-def _stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mask_size_px: int | None,
+def stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mask_size_px: int | None,
                     folder: str | None) -> Prediction:
     if folder is None:
         return model.predict(image, mask, mask_size_px=mask_size_px)
