@@ -143,7 +143,9 @@ _STORED_MODELS = set(FusionConfig().members)
 
 
 def stored_predict(model, sha256: str, image: np.ndarray, mask: np.ndarray, mask_size_px: int | None,
-                    folder: str | None) -> Prediction:
+                   folder: str | None) -> Prediction:
+    """``model``'s prediction of the case, read from ``folder`` where it was made before (computed and kept there
+    otherwise; ``folder`` None: computed every time)."""
     if folder is None:
         return model.predict(image, mask, mask_size_px=mask_size_px)
     case = hashlib.sha1(image.tobytes() + mask.tobytes()).hexdigest()[:20]

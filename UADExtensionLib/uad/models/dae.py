@@ -43,10 +43,10 @@ the weighted mean of the z-scores' square roots, squared), which asks a voxel to
 0.775 with the same weights. 3000 further steps of the same training (seed 2, lr 1e-4) did not help: read so, 0.769.
 
 Its map is median-filtered (5 mm) before thresholding, as is usual in the field. Scored alone on the fusion chooser's
-validation cases (tools/choose_fusion_weights.py --grid 1.0 --medians 0 5 9), the filter raises the AUPRC on synthetic
-anomalies (0.673 unfiltered, 0.701 at 5 mm, 0.709 at 9 mm) but costs Dice on every kind of case, small lesion shapes
-most (mean over the four kinds 0.374, 0.366, 0.340). The dae alone keeps the field's 5 mm, at which BENCHMARKS.md
-measures it; the default model, the fusion, uses its map unfiltered.
+validation cases (tools/choose_fusion_weights.py --grid 1.0 --medians 0 5 9: Resources/dae-median-validation.txt),
+the filter raises the AUPRC on synthetic anomalies (0.673 unfiltered, 0.701 at 5 mm, 0.709 at 9 mm) but costs Dice
+on every kind of case, small lesion shapes most (mean over the four kinds 0.374, 0.366, 0.340). The dae alone keeps
+the field's 5 mm, at which BENCHMARKS.md measures it; the default model, the fusion, uses its map unfiltered.
 """
 
 from __future__ import annotations
