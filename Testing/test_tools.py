@@ -1,0 +1,59 @@
+"""The choosing tools' own logic (tools/): which weightings a grid holds, and the paired score over subjects."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+_itk_threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+from choose_fusion_weights import weightings  # noqa: E402
+from compare_fusion_weights import KINDS, score  # noqa: E402
+
+# The chooser pins registration to one thread for itself; the rest of the suite keeps its own setting.
+if _itk_threads is None:
+    os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
+
+
+def grid(**values) -> SimpleNamespace:
+    return SimpleNamespace(**({"grid": [], "anchors": [], "anchor_grid": []} | values))
+
+
+def test_a_grid_without_anchors_holds_only_its_single_weights():
+    found = weightings(grid(grid=[1.0, 0.5]))
+    assert [label for label, _ in found] == ["1.00", "0.50"]
+    assert all(np.isfinite(weighting["weights"]).all() for _, weighting in found)
+
+
+def test_anchor_grids_give_every_combination_with_finite_weights():
+    found = weightings(grid(grid=[0.5], anchors=[0.2, 0.8], anchor_grid=["0.6,0.7", "1.0"]))
+    assert [label for label, _ in found] == ["0.50", "0.60@0.2 1.00@0.8", "0.70@0.2 1.00@0.8"]
+    assert found[1][1]["anchor_weights"] == ((0.6, 0.4), (1.0, 0.0))
+    assert all(np.isfinite(weighting["weights"]).all() for _, weighting in found)
+
+
+def scored_cases(subject_quality: dict[int, float]) -> list[tuple]:
+    """One case of each kind per subject, (kind, subject, Dice, scores, labels): a subject's quality is its Dice and
+    how far its lesion voxels score above the rest."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for subject, quality in subject_quality.items():
+        labels = np.zeros(200, bool)
+        labels[:20] = True
+        for kind in KINDS:
+            scores = rng.normal(size=200) + quality * labels
+            cases.append((kind, subject, quality / 4, scores, labels))
+    return cases
+
+
+def test_score_follows_the_subjects_drawn():
+    cases = scored_cases({0: 0.5, 1: 3.0})
+    weak, strong, both = score(cases, [0]), score(cases, [1]), score(cases, [0, 1])
+    assert weak < both < strong
+    assert score(cases, [1, 1]) == pytest.approx(strong)  # a subject drawn twice pools twice the same voxels
