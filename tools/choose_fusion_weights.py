@@ -56,6 +56,7 @@ from uad.synthetic import add_synthetic_anomaly
 
 SPACING = (2.0, 2.0, 2.0)
 CONTRAST = (0.3, 1.0)  # of the painted lesion shapes: from faint to a CSF-dark cavity
+CASES_PER_SUBJECT = {"synthetic": 2, "small stroke": 2}  # every other kind: one case per validation subject
 
 
 def validation_cases(data: Path, cache: str, seed: int = 0):
@@ -69,7 +70,7 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
     rng = np.random.default_rng(seed + SYNTHETIC_VALIDATION_SEED_OFFSET)
     centres_from = placement_mask(checkpoint.preprocessing.working_grid)  # fixed: registration cannot move them
     for image, mask in volumes:
-        for _ in range(2):
+        for _ in range(CASES_PER_SUBJECT["synthetic"]):
             modified, truth = add_synthetic_anomaly(image, mask, rng, spacing_mm=SPACING[0], centres_from=centres_from)
             yield "synthetic", modified, truth, mask
     shapes = lesion_shape_files(data / "lesion_shapes/soop_stroke_mni")
@@ -79,7 +80,7 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
         modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes,
                                                contrast=stroke_rng.uniform(*CONTRAST))
         yield "stroke", modified, truth, mask
-        for _ in range(2):
+        for _ in range(CASES_PER_SUBJECT["small stroke"]):
             modified, truth, _ = add_stroke_lesion(image, mask, stroke_rng, shapes, min_volume_ml=0.15,
                                                    max_volume_ml=1.0, contrast=stroke_rng.uniform(*CONTRAST))
             yield "small stroke", modified, truth, mask

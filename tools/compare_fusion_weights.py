@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from choose_fusion_weights import SPACING, validation_cases
+from choose_fusion_weights import CASES_PER_SUBJECT, SPACING, validation_cases
 
 from uad.calibration import healthy_threshold
 from uad.checkpoint import load_checkpoint
@@ -72,13 +72,12 @@ def main() -> None:
     if not len(args.incumbent) == len(args.candidate) == len(args.anchors):
         parser.error("--incumbent and --candidate need one weight per --anchors value")
     members = [load_checkpoint(resolve_checkpoint_path(name)) for name in ("dae", "patch-retrieval")]
-    # validation_cases yields the synthetic cases of all subjects first (two each), then each subject's others in
-    # a fixed order: count each kind to know whose case it is.
-    per_subject = {"synthetic": 2, "small stroke": 2}
+    # validation_cases yields each kind's cases subject by subject, in the same subject order for every kind: count
+    # each kind to know whose case it is.
     seen: dict[str, int] = {}
     cases = []
     for kind, image, truth, mask in validation_cases(args.data, args.cache):
-        subject = seen.get(kind, 0) // per_subject.get(kind, 1)
+        subject = seen.get(kind, 0) // CASES_PER_SUBJECT.get(kind, 1)
         seen[kind] = seen.get(kind, 0) + 1
         maps = [stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map for m in members]
         cases.append((kind, subject, maps, truth, mask, image))
