@@ -118,6 +118,28 @@ def test_only_slices_whose_first_axis_is_left_right_are_mirrored():
     assert 16 < len(flipped) - sum(flipped) < 48  # about half are mirrored, with the same random scales
 
 
+def test_contrast_augmentation_changes_tissue_contrast_and_is_off_by_default():
+    images = np.random.default_rng(0).uniform(0.1, 1.5, (8, 1, 96, 80)).astype(np.float32)
+    masks = np.ones_like(images)
+    plain, _ = _augment(images, masks, np.random.default_rng(1), mirror=False)
+    unchanged, _ = _augment(images, masks, np.random.default_rng(1), mirror=False, gamma_range=(1.0, 1.0))
+    np.testing.assert_array_equal(plain, unchanged)  # off: the same draws and batches as before the option
+    # A fixed power of 0.5: each slice is the square root of the input, times its global scale, so the ratio between
+    # a dark (CSF-like) and a bright (white-matter-like) voxel moves towards 1.
+    powered, _ = _augment(images, masks, np.random.default_rng(1), mirror=False, gamma_range=(0.5, 0.5))
+    scale = powered / np.sqrt(images)
+    assert np.allclose(scale, scale[:, :, :1, :1], rtol=1e-5) and np.all((scale > 0.89) & (scale < 1.11))
+    dark, bright = images[0, 0] == images[0, 0].min(), images[0, 0] == images[0, 0].max()
+    assert powered[0, 0][dark] / powered[0, 0][bright] > images[0, 0][dark] / images[0, 0][bright]
+
+
+def test_a_bad_contrast_augmentation_range_is_refused_before_anything_is_written(cohort, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--model", "dae", "--data", str(cohort), "--out", str(tmp_path / "run"),
+                           "--cache", str(tmp_path / "cache"), "--gamma-range", "1.4", "0.7")
+    assert code == 2 and "--gamma-range 1.4 0.7" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_net_trained_in_three_directions_learns_from_slices_of_each(cohort, cache, tmp_path, monkeypatch):
     seen = []
     loss = DAEModel.loss

@@ -182,6 +182,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, device=args.device, skull_stripped=args.skull_stripped,
         model_options=options, fpr=args.fpr, median_mm=args.median_mm,
         threads=args.threads or _default_train_threads(), init_from=args.init_from,
+        gamma_range=tuple(args.gamma_range),
     )
     path = train(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--option", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
     train.add_argument("--init-from", default="", metavar="CHECKPOINT",
                        help="first-stage weights: a vqvae for vqvae-transformer, a swin-mae for mae-classifier")
+    train.add_argument("--gamma-range", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
+                       help="contrast augmentation: each training slice's intensities raised to a power drawn in "
+                            "this range, e.g. 0.7 1.4 (default 1 1: off)")
     train.add_argument("--threads", type=int, default=0,
                        help="CPU threads per process (default: all cores, divided among torchrun's processes)")
     train.set_defaults(handler=_cmd_train)

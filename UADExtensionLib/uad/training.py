@@ -65,6 +65,9 @@ class TrainConfig:
     fpr: float = 0.01  # calibrated default threshold: this fraction of healthy brain voxels flagged
     median_mm: float = 5.0  # the median filter stored with that threshold (it is measured on the filtered map)
     init_from: str = ""  # a checkpoint whose matching weights start this model (two-stage models)
+    # Contrast augmentation: each training slice raised to a power drawn log-uniformly in this range (1, 1: off).
+    # Another site's T1 differs in its tissue contrast, not only in a global scale; see _augment.
+    gamma_range: tuple[float, float] = (1.0, 1.0)
 
 
 # Process 0 alone validates, fits the map statistics and calibrates while the others wait in a collective; that
@@ -197,6 +200,10 @@ def train(config: TrainConfig) -> Path:
     if config.batch_size % ddp.world_size:
         raise UserInputError(f"--batch-size {config.batch_size} is the global batch and must split evenly over the "
                              f"{ddp.world_size} processes; give a multiple of {ddp.world_size}")
+    low, high = config.gamma_range
+    if not 0 < low <= high:
+        raise UserInputError(f"--gamma-range {low:g} {high:g} must be two positive powers, the lower first; "
+                             "e.g. --gamma-range 0.7 1.4 (1 1: no contrast augmentation)")
     spec = get_spec(config.model)
     unknown = set(config.model_options) - {f.name for f in fields(spec.config_cls)}
     if unknown:
@@ -398,7 +405,8 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
             direction = directions[rng.integers(len(directions))] if len(directions) > 1 else directions[0]
             images, masks = slices[direction]
             index = rng.integers(0, len(images), batch_size)
-            x, m = _augment(images[index], masks[index], rng, mirror=direction != "sagittal")
+            x, m = _augment(images[index], masks[index], rng, mirror=direction != "sagittal",
+                            gamma_range=config.gamma_range)
             # Mixed precision on GPUs (bfloat16 keeps float32's range: no loss scaling); CPUs train in float32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 total = forward(torch.from_numpy(x).to(device), torch.from_numpy(m).to(device))
@@ -450,13 +458,18 @@ def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction:
     return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
 
 
-def _augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
-             mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Left-right flips (``mirror``: the slices' first axis is left-right, i.e. not sagittal ones) and a global
-    intensity scale: what differs between healthy scans and sites."""
+def _augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, mirror: bool = True,
+             gamma_range: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Left-right flips (``mirror``: the slices' first axis is left-right, i.e. not sagittal ones), a global
+    intensity scale and, with a ``gamma_range``, a power of the intensities that changes the contrast between CSF,
+    grey and white matter: what differs between healthy scans and sites."""
     images, masks = images.copy(), masks.copy()
     flip = (rng.random(len(images)) < 0.5) & mirror  # drawn either way: the random stream does not depend on it
     images[flip] = images[flip, :, ::-1]
     masks[flip] = masks[flip, :, ::-1]
+    if tuple(gamma_range) != (1.0, 1.0):  # no draw when off: runs without it repeat the batches they drew before
+        low, high = np.log(gamma_range)
+        gammas = np.exp(rng.uniform(low, high, size=(len(images), 1, 1, 1))).astype(np.float32)
+        images = np.power(np.clip(images, 0, None), gammas)
     images *= rng.uniform(0.9, 1.1, size=(len(images), 1, 1, 1)).astype(np.float32)
     return images * masks, masks
