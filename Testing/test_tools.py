@@ -57,3 +57,19 @@ def test_score_follows_the_subjects_drawn():
     weak, strong, both = score(cases, [0]), score(cases, [1]), score(cases, [0, 1])
     assert weak < both < strong
     assert score(cases, [1, 1]) == pytest.approx(strong)  # a subject drawn twice pools twice the same voxels
+
+
+def test_thin_csf_is_a_sheet_of_csf_not_a_cavity():
+    from locate_false_positives import healthy_csf_frequency, thin_csf
+
+    image, brain = np.ones((20, 20, 20), np.float32), np.ones((20, 20, 20), bool)
+    image[2:18, 2:18, 5] = 0.1  # a 2-mm sheet, like a sulcus or a cistern
+    image[8:14, 8:14, 10:16] = 0.1  # a 12-mm cavity
+    thin = thin_csf(image, brain)
+    assert thin[:, :, 5].sum() == 16 * 16
+    assert not thin[8:14, 8:14, 10:16].any()
+
+    other = image.copy()
+    other[2:18, 2:18, 5] = 1.0  # the second brain has no sheet
+    frequency = healthy_csf_frequency(np.stack([image, other]), np.stack([brain, brain]))
+    assert frequency[10, 10, 5] == 0.5 and frequency[10, 10, 12] == 1.0 and frequency[0, 0, 0] == 0.0
