@@ -25,6 +25,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import ants
 import numpy as np
 from scipy import ndimage
 
@@ -69,18 +70,15 @@ def site_volumes(segmentation: np.ndarray, image: np.ndarray, brain: np.ndarray,
     volumes = {"FP": false, "FP CSF-like": false & csf,
                "FP CSF-like, rare CSF there": false & csf & (csf_frequency < RARE_CSF),
                "FP CSF-like, thin": false & thin_csf(image, brain)}
-    if truth.any():
-        volumes |= {"TP": true, "TP CSF-like": true & csf, "lesion": truth & brain, "lesion CSF-like": truth & csf}
-    found = {name: float(voxels.sum() * ML_PER_VOXEL) for name, voxels in volumes.items()}
-    if truth.any():
-        found["Dice on the grid"] = float(2 * true.sum() / (segmentation.sum() + truth.sum()))
-    return found
+    if not truth.any():
+        return {name: float(voxels.sum() * ML_PER_VOXEL) for name, voxels in volumes.items()}
+    volumes |= {"TP": true, "TP CSF-like": true & csf, "lesion": truth & brain, "lesion CSF-like": truth & csf}
+    dice = float(2 * true.sum() / (segmentation.sum() + truth.sum()))
+    return {name: float(voxels.sum() * ML_PER_VOXEL) for name, voxels in volumes.items()} | {"Dice on the grid": dice}
 
 
 def lesion_case(folder: Path, preprocessing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, brain, lesion) of a stripped T1 case on the working grid; its mask follows the same transforms."""
-    import ants
-
     prepared = preprocess(load_volume(folder / "T1.nii.gz"), preprocessing, skull_stripped=True)
     lesion = load_volume(folder / "lesion_mask.nii.gz")
     lesion.data = (lesion.data > 0).astype(np.float32)
@@ -124,11 +122,11 @@ def main() -> None:
 
     cases = [(kind, fused(image, brain), image, truth, brain) for kind, image, truth, brain in
              validation_cases(args.data, args.cache)]
-    unfiltered = replace(post, threshold=0.0)
+    uncalibrated = replace(post, threshold=0.0)  # score() calibrates a threshold per rule on the clean cases
     for keep in (1.0, 0.5, 0.0):
         filtered = [(kind, np.where(thin_csf(image, brain), f * keep, f), truth, brain)
                     for kind, f, image, truth, brain in cases]
-        result = score(filtered, unfiltered, fusion.calibration["fpr"])
+        result = score(filtered, uncalibrated, fusion.calibration["fpr"])
         print(f"validation, fused map x {keep:g} on thin CSF-like voxels: "
               + ", ".join(f"{key} {value:.4f}" for key, value in result.items()), flush=True)
 
