@@ -7,7 +7,7 @@ import torch
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.errors import UserInputError
 from uad.models import build_model
-from uad.models.dae import DAEConfig, coarse_noise, foreign_patches
+from uad.models.dae import DAEConfig, coarse_noise, foreign_patches, widen_csf_spaces
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 from uad.models.scoring import healthy_map_statistics, standardise_map
@@ -51,6 +51,24 @@ def test_foreign_patches_blend_another_slice_into_an_irregular_blob_inside_the_b
 def test_dae_refuses_a_foreign_patch_share_outside_0_to_1():
     with pytest.raises(UserInputError, match="between 0 and 1"):
         build_model(DAEConfig(foreign_patch_probability=1.5))
+    with pytest.raises(UserInputError, match="csf_widening_probability"):
+        build_model(DAEConfig(csf_widening_probability=-0.1))
+
+
+def test_widened_csf_spaces_grow_from_the_csf_at_its_intensity_and_stay_in_the_brain():
+    torch.manual_seed(0)
+    images = torch.full((8, 1, 40, 48), 0.8)
+    images[:, :, 18:22, 10:38] = 0.1  # a ventricle-like slit of CSF
+    masks = torch.zeros_like(images)
+    masks[:, :, 4:36, 4:44] = 1
+    widened = widen_csf_spaces(images, masks, probability=1.0)
+    changed = widened != images
+    assert changed.any()
+    assert torch.allclose(widened[changed], torch.tensor(0.1))  # filled with the slice's CSF intensity
+    rows = changed.nonzero()[:, 2]
+    assert rows.min() >= 18 - 2 and rows.max() <= 21 + 2  # at most 2 pixels from the CSF it grew from
+    assert not (changed & (masks == 0)).any()
+    assert torch.equal(widen_csf_spaces(images, masks, probability=0.0), images)
 
 
 def test_dae_mirror_averaging_gives_the_mean_of_the_scan_s_and_its_left_right_mirror_s_maps():
