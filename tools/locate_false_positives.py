@@ -39,11 +39,11 @@ from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.evaluation import stored_predict
 from uad.inference import resolve_checkpoint_path
 from uad.io import load_volume
+from uad.models.dae import CSF_LIKE
 from uad.models.fusion import fuse_maps
 from uad.postprocessing import PostprocessConfig, segment_filtered
 from uad.preprocessing import preprocess, to_ants
 
-CSF_LIKE = 0.35  # brain-normalised intensity below which a voxel looks like CSF on T1
 RARE_CSF = 0.02  # fraction of healthy training brains CSF-like at a voxel, below which CSF there is unusual
 LESION_CASES = ("lesion/mslub/patient26", "lesion/tcga/TCGA-DU-7294")  # T1 + lesion_mask, distributed stripped
 ML_PER_VOXEL = float(np.prod(SPACING)) / 1000
