@@ -135,8 +135,8 @@ def foreign_patches(images: torch.Tensor, masks: torch.Tensor, probability: floa
 
 
 def widen_csf_spaces(images: torch.Tensor, masks: torch.Tensor, probability: float) -> torch.Tensor:
-    """Atrophy-like training slices: in a ``probability`` share of them, the CSF spaces grow by 1 or 2 pixels (2-4 mm)
-    inside an irregular blob, filled with the slice's mean CSF intensity.
+    """Atrophy-like training slices: in a ``probability`` share of them, the CSF spaces grow by 1 or 2 pixels (2-4 mm,
+    drawn once per batch) inside an irregular blob, filled with the slice's mean CSF intensity.
 
     Applied to the clean slice, so the net learns wider ventricles and cisterns as healthy. Older or atrophic
     brains (the MS scan, other sites' scans) have CSF where the young IXI brains have tissue, and that is most of the
