@@ -89,6 +89,14 @@ def test_marker_lands_where_it_should_both_ways(oblique_brain):
         landed = voxel_to_ras(oblique_brain.affine, np.unravel_index(np.argmax(back), back.shape))
         assert np.linalg.norm(landed - moved(MARKER_RAS)) < 4.0
 
+        # and forward again: a marker on the input grid (a lesion label) reaches the working grid at the same point
+        input_marker = np.zeros(oblique_brain.shape, np.float32)
+        input_marker[tuple(np.round(ras_to_voxel(oblique_brain.affine, moved(MARKER_RAS))).astype(int))] = 1.0
+        there = prep.to_working_grid(input_marker)
+        assert there.shape == WORKING_GRID.shape
+        found = voxel_to_ras(grid_affine, np.unravel_index(np.argmax(there), there.shape))
+        assert np.linalg.norm(found - MARKER_RAS) < 5.0
+
         # the brain mask comes back on the input grid too, covering the brain and little else
         mask = prep.input_brain_mask.data.astype(bool)
         inside = oblique_brain.data > 0

@@ -25,7 +25,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import ants
 import numpy as np
 from scipy import ndimage
 
@@ -42,7 +41,7 @@ from uad.io import load_volume
 from uad.models.dae import CSF_LIKE
 from uad.models.fusion import fuse_maps
 from uad.postprocessing import PostprocessConfig, segment_filtered
-from uad.preprocessing import preprocess, to_ants
+from uad.preprocessing import preprocess
 
 RARE_CSF = 0.02  # fraction of healthy training brains CSF-like at a voxel, below which CSF there is unusual
 LESION_CASES = ("lesion/mslub/patient26", "lesion/tcga/TCGA-DU-7294")  # T1 + lesion_mask, distributed stripped
@@ -80,11 +79,10 @@ def site_volumes(segmentation: np.ndarray, image: np.ndarray, brain: np.ndarray,
 def lesion_case(folder: Path, preprocessing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, brain, lesion) of a stripped T1 case on the working grid; its mask follows the same transforms."""
     prepared = preprocess(load_volume(folder / "T1.nii.gz"), preprocessing, skull_stripped=True)
-    lesion = load_volume(folder / "lesion_mask.nii.gz")
-    lesion.data = (lesion.data > 0).astype(np.float32)
-    on_grid = ants.apply_transforms(preprocessing.working_grid.reference_image(), to_ants(lesion),
-                                    prepared.transforms, interpolator="linear").numpy() > 0.5
-    prepared.close()
+    try:
+        on_grid = prepared.to_working_grid(load_volume(folder / "lesion_mask.nii.gz").data > 0) > 0.5
+    finally:
+        prepared.close()
     return prepared.image, prepared.brain_mask, on_grid
 
 

@@ -353,11 +353,7 @@ def judge(values: dict[str, float], skull_stripping: SkullStripping) -> InputChe
 
 def _brain_coverage(prep) -> float:
     """Fraction of the working grid's brain mask that the scan's field of view covers."""
-    import ants
-
-    ones = prep.input_reference.new_image_like(np.ones(prep.input_reference.shape, np.float32))
-    covered = ants.apply_transforms(prep.grid.reference_image(), ones, prep.transforms, interpolator="linear",
-                                    defaultvalue=0).numpy() > 0.5
+    covered = prep.to_working_grid(np.ones(prep.input_reference.shape, np.float32)) > 0.5
     brain = _template_brain_on(prep.grid)
     return float(covered[brain].mean()) if brain.any() else 0.0
 

@@ -137,6 +137,14 @@ class Preprocessed:
         )
         return resampled.numpy().astype(np.float32)
 
+    def to_working_grid(self, array: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+        """Resample an array on the input's voxel grid (a label, a field of view) onto the working grid (float32; 0
+        outside the input)."""
+        moving = self.input_reference.new_image_like(np.asarray(array, np.float32))
+        resampled = ants.apply_transforms(self.grid.reference_image(), moving, self.transforms,
+                                          interpolator=interpolation, defaultvalue=0)
+        return resampled.numpy().astype(np.float32)
+
     def close(self) -> None:
         self.workdir.cleanup()
 
