@@ -15,6 +15,7 @@ _itk_threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 
 from choose_fusion_weights import weightings  # noqa: E402
 from compare_fusion_weights import KINDS, score  # noqa: E402
+from compare_fusion_weights import scored_cases as fused_and_scored  # noqa: E402
 
 # The chooser pins registration to one thread for itself; the rest of the suite keeps its own setting.
 if _itk_threads is None:
@@ -57,6 +58,22 @@ def test_score_follows_the_subjects_drawn():
     weak, strong, both = score(cases, [0]), score(cases, [1]), score(cases, [0, 1])
     assert weak < both < strong
     assert score(cases, [1, 1]) == pytest.approx(strong)  # a subject drawn twice pools twice the same voxels
+
+
+def test_the_candidate_fuses_its_own_dae():
+    """--candidate-dae: each case holds the bundled pair's maps and the candidate's; each side fuses its own pair."""
+    rng = np.random.default_rng(0)
+    shape, image, brain = (24, 24, 24), np.full((24, 24, 24), 0.8, np.float32), np.ones((24, 24, 24), bool)
+    truth = np.zeros(shape, bool)
+    truth[8:16, 8:16, 8:16] = True
+    retrieval = rng.normal(size=shape).astype(np.float32)
+    blind_dae, seeing_dae = rng.normal(size=shape).astype(np.float32), truth * 10.0  # at 0.8 the dae weighs 1
+    cases = [("healthy", 0, [[retrieval, retrieval], [retrieval, retrieval]], None, brain, image)]
+    cases += [(kind, 0, [[blind_dae, retrieval], [seeing_dae, retrieval]], truth, brain, image) for kind in KINDS]
+    anchors, weights = (0.2, 0.5, 0.8), (0.7, 0.3, 1.0)
+    incumbent = fused_and_scored(cases, anchors, weights, 0.01, members=0)
+    candidate = fused_and_scored(cases, anchors, weights, 0.01, members=1)
+    assert score(candidate, [0]) > 0.9 > 0.2 > score(incumbent, [0])
 
 
 def test_thin_csf_is_a_sheet_of_csf_not_a_cavity():

@@ -1,7 +1,11 @@
-"""Is one fusion weighting better than another beyond the noise of the validation subjects? A paired bootstrap.
+"""Is one fusion weighting, or one dae, better than another beyond the noise of the validation subjects? A paired
+bootstrap.
 
     python tools/compare_fusion_weights.py --data ../shared/data --incumbent 0.7 0.3 1.0 --candidate 0.8 0.3 1.0 \
         --predictions /work/cache/uad/validation-predictions > Resources/fusion-weights-paired.txt
+
+With ``--candidate-dae runs/X/model.pt`` the candidate fuses that dae checkpoint instead of the bundled one (the same
+weights for both: a retrained dae is judged by what it brings to the default model).
 
 tools/choose_fusion_weights.py ranks a grid by one score on 15 validation subjects; neighbouring weightings differ by
 a few thousandths. Here both weightings (the dae's weight at each intensity anchor, 0.2 / 0.5 / 0.8 by default) get
@@ -30,11 +34,13 @@ from uad.postprocessing import PostprocessConfig, segment_filtered
 KINDS = ("synthetic", "stroke", "small stroke", "many small")
 
 
-def scored_cases(cases, anchors: tuple[float, ...], dae_weights: tuple[float, ...], fpr: float) -> list[tuple]:
-    """(kind, subject, Dice at the calibrated threshold, brain scores, brain labels) of every lesion case."""
+def scored_cases(cases, anchors: tuple[float, ...], dae_weights: tuple[float, ...], fpr: float,
+                 members: int) -> list[tuple]:
+    """(kind, subject, Dice at the calibrated threshold, brain scores, brain labels) of every lesion case, fusing the
+    maps of the ``members``-th pair of checkpoints (0: the bundled pair, 1: the candidate's)."""
     config = FusionConfig(members=("dae", "patch-retrieval"), intensity_anchors=anchors,
                           anchor_weights=tuple((w, round(1 - w, 4)) for w in dae_weights))
-    fused = [(kind, subject, fuse_maps(maps, mask, config, image), truth, mask)
+    fused = [(kind, subject, fuse_maps(maps[members], mask, config, image), truth, mask)
              for kind, subject, maps, truth, mask, image in cases]
     healthy = [(f, mask) for kind, _, f, _, mask in fused if kind == "healthy"]
     post = PostprocessConfig(threshold=0.0, median_mm=0.0)
@@ -67,11 +73,13 @@ def main() -> None:
     parser.add_argument("--candidate", type=float, nargs="+", required=True, help="the dae's weight at each anchor")
     parser.add_argument("--fpr", type=float, default=0.01)
     parser.add_argument("--resamples", type=int, default=100)
+    parser.add_argument("--candidate-dae", default="dae", help="the candidate's dae checkpoint (default: the bundled)")
     parser.add_argument("--predictions", default=None, help="as for tools/choose_fusion_weights.py")
     args = parser.parse_args()
     if not len(args.incumbent) == len(args.candidate) == len(args.anchors):
         parser.error("--incumbent and --candidate need one weight per --anchors value")
-    members = [load_checkpoint(resolve_checkpoint_path(name)) for name in ("dae", "patch-retrieval")]
+    retrieval = load_checkpoint(resolve_checkpoint_path("patch-retrieval"))
+    pairs = [[load_checkpoint(resolve_checkpoint_path(dae)), retrieval] for dae in ("dae", args.candidate_dae)]
     # validation_cases yields each kind's cases subject by subject, in the same subject order for every kind: count
     # each kind to know whose case it is.
     seen: dict[str, int] = {}
@@ -79,14 +87,15 @@ def main() -> None:
     for kind, image, truth, mask in validation_cases(args.data, args.cache):
         subject = seen.get(kind, 0) // CASES_PER_SUBJECT.get(kind, 1)
         seen[kind] = seen.get(kind, 0) + 1
-        maps = [stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map for m in members]
+        maps = [[stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map for m in pair]
+                for pair in pairs]
         cases.append((kind, subject, maps, truth, mask, image))
     anchors = tuple(args.anchors)
-    incumbent = scored_cases(cases, anchors, tuple(args.incumbent), args.fpr)
-    candidate = scored_cases(cases, anchors, tuple(args.candidate), args.fpr)
+    incumbent = scored_cases(cases, anchors, tuple(args.incumbent), args.fpr, members=0)
+    candidate = scored_cases(cases, anchors, tuple(args.candidate), args.fpr, members=1)
     subjects = sorted({case[1] for case in incumbent})
     print(f"incumbent {args.incumbent}: score {score(incumbent, subjects):.4f}")
-    print(f"candidate {args.candidate}: score {score(candidate, subjects):.4f}")
+    print(f"candidate {args.candidate} with {args.candidate_dae}: score {score(candidate, subjects):.4f}")
     rng = np.random.default_rng(0)
     differences = []
     for _ in range(args.resamples):
