@@ -90,8 +90,15 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # gamma fine-tune's command, from the bundled weights; then --steps 0 at seed 0). Its own map scored lower (validation
 # AUPRC 0.769, the dae-alone chooser score 0.3730 against 0.3777), but fused at the bundled weights it scored 0.5241
 # against 0.5216 (0.5186 for the seed-5 run without it), with fewer CSF-like false positives on MASS (4.4 against
-# 5.1 ml per scan) and on the MS scan (7.3 against 8.3 ml). Exploratory script, not committed; a longer run and a
-# full `uad evaluate` are what would decide it.
+# 5.1 ml per scan) and on the MS scan (7.3 against 8.3 ml). The same run for 3000 steps at seed 7 (--validate-every
+# 1000; best at step 2000) scored 0.7735, 0.3725 and 0.5229 fused: no better fused, and still below the bundled dae
+# alone, so neither is bundled. Its paired comparison, fused at the bundled weights (~40 min):
+#   python tools/compare_fusion_weights.py --data "$DATA" --incumbent 0.7 0.3 1.0 --candidate 0.7 0.3 1.0 \
+#       --candidate-dae runs/dae-widen-s0/model.pt --predictions "$CACHE/validation-predictions"
+# Two ideas without training, scored the same way (validation AUPRC of the final map, the chooser's dae-alone and
+# fused scores), not kept either: the network applied twice at inference, each pass denoising the previous one's
+# output (an uncommitted option): 0.7754, 0.3664, 0.5155; a model soup, the bundled dae's weights averaged with those
+# of its three fine-tunes above (seeds 4, 5, 6): 0.7763, 0.3816, 0.5218.
 # Training-free: patch retrieval stores 50 of the training scans; the fusion's weights come from validation.
 # Its coarse search's settings (the defaults of PatchRetrievalConfig) were chosen on validation cases by
 # tools/compare_patch_scales.py (~25 min; run after the dae and patch-retrieval are bundled, before the fusion):
