@@ -92,7 +92,8 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # against 0.5216 (0.5186 for the seed-5 run without it), with fewer CSF-like false positives on MASS (4.4 against
 # 5.1 ml per scan) and on the MS scan (7.3 against 8.3 ml). The same run for 3000 steps at seed 7 (--validate-every
 # 1000; best at step 2000) scored 0.7735, 0.3725 and 0.5229 fused: no better fused, and still below the bundled dae
-# alone, so neither is bundled. Its paired comparison, fused at the bundled weights (~40 min):
+# alone, so neither is bundled. The 1000-step run's fused gain is within the noise of the validation subjects,
+# +0.0021 [-0.0024, +0.0062] (above 0 in 84 % of the resamples; ~40 min):
 #   python tools/compare_fusion_weights.py --data "$DATA" --incumbent 0.7 0.3 1.0 --candidate 0.7 0.3 1.0 \
 #       --candidate-dae runs/dae-widen-s0/model.pt --predictions "$CACHE/validation-predictions"
 # Two ideas without training, scored the same way (validation AUPRC of the final map, the chooser's dae-alone and
