@@ -91,6 +91,11 @@ def validation_cases(data: Path, cache: str, seed: int = 0):
         yield "many small", modified, truth, mask
 
 
+def member_maps(members, image: np.ndarray, mask: np.ndarray, predictions: str | None) -> list[np.ndarray]:
+    """Each member checkpoint's anomaly map of one working-grid scan, kept in ``predictions`` (see stored_predict)."""
+    return [stored_predict(m.model, m.sha256, image, mask, None, predictions).anomaly_map for m in members]
+
+
 def training_volumes(data: Path, cache: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """(volumes, brain masks) of the training subjects, stacked: what `uad train` fits a training-free model on."""
     subjects = find_subjects(data / "healthy/ixi_t1")
@@ -160,8 +165,7 @@ def main() -> None:
         parser.error("--anchor-grid needs one list of weights per --anchors value")
     rates = sorted({args.fpr, *args.fprs}, reverse=True)
     members = [load_checkpoint(resolve_checkpoint_path(name)) for name in args.members]
-    cases = [(kind, [stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map
-                     for m in members], truth, mask, image)
+    cases = [(kind, member_maps(members, image, mask, args.predictions), truth, mask, image)
              for kind, image, truth, mask in validation_cases(args.data, args.cache)]
     scores, configs = {}, {}
     for median in args.medians:

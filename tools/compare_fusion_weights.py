@@ -21,11 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from choose_fusion_weights import CASES_PER_SUBJECT, SPACING, validation_cases
+from choose_fusion_weights import CASES_PER_SUBJECT, SPACING, member_maps, validation_cases
 
 from uad.calibration import healthy_threshold
 from uad.checkpoint import load_checkpoint
-from uad.evaluation import stored_predict
 from uad.inference import resolve_checkpoint_path
 from uad.metrics import auprc, dice
 from uad.models.fusion import FusionConfig, fuse_maps
@@ -87,8 +86,7 @@ def main() -> None:
     for kind, image, truth, mask in validation_cases(args.data, args.cache):
         subject = seen.get(kind, 0) // CASES_PER_SUBJECT.get(kind, 1)
         seen[kind] = seen.get(kind, 0) + 1
-        maps = [[stored_predict(m.model, m.sha256, image, mask, None, args.predictions).anomaly_map for m in pair]
-                for pair in pairs]
+        maps = [member_maps(pair, image, mask, args.predictions) for pair in pairs]
         cases.append((kind, subject, maps, truth, mask, image))
     anchors = tuple(args.anchors)
     incumbent = scored_cases(cases, anchors, tuple(args.incumbent), args.fpr, members=0)

@@ -31,11 +31,10 @@ from scipy import ndimage
 # One registration thread, as in `uad evaluate`: the lesion cases are registered here.
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
-from choose_fusion_weights import SPACING, score, training_volumes, validation_cases
+from choose_fusion_weights import SPACING, member_maps, score, training_volumes, validation_cases
 
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
-from uad.evaluation import stored_predict
 from uad.inference import resolve_checkpoint_path
 from uad.io import load_volume
 from uad.models.dae import CSF_LIKE
@@ -98,8 +97,7 @@ def main() -> None:
     post = PostprocessConfig(**fusion.calibration["postprocessing"])
 
     def fused(image, brain):
-        maps = [stored_predict(m.model, m.sha256, image, brain, None, args.predictions).anomaly_map for m in members]
-        return fuse_maps(maps, brain, fusion.model.config, image)
+        return fuse_maps(member_maps(members, image, brain, args.predictions), brain, fusion.model.config, image)
 
     csf_frequency = healthy_csf_frequency(*training_volumes(args.data, args.cache, fusion.preprocessing))
     subjects = find_subjects(args.data / "healthy/ixi_t1")
