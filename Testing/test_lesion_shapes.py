@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from uad.lesion_shapes import add_stroke_lesion, add_stroke_lesions, lesion_shape_files, shape_on_grid
+from uad.lesion_shapes import (
+    add_ovoid_lesions,
+    add_stroke_lesion,
+    add_stroke_lesions,
+    lesion_shape_files,
+    shape_on_grid,
+)
 from uad.preprocessing import WORKING_GRID
 
 SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])  # as the SOOP masks
@@ -107,3 +113,25 @@ def test_many_lesions_in_one_scan_are_all_in_its_truth(tmp_path):
     labels, n_lesions = ndimage.label(truth)
     assert n_lesions == 2  # six draws of two shapes: both land, each at its own position
     assert np.all(modified[truth > 0] < 0.6)  # CSF-dark: the darkest 5 % of 0.5-1
+
+
+def test_ovoid_lesions_are_small_faint_and_centred_where_asked():
+    """The MS-like validation kind: each lesion an ellipsoid of 0.05-0.5 ml around a voxel of ``centres_from``,
+    only part of the way to CSF; the input stays untouched."""
+    brain = np.zeros(WORKING_GRID.shape, bool)
+    brain[10:70, 10:86, 10:70] = True
+    centres = np.zeros_like(brain)
+    centres[30:50, 40:60, 30:50] = True  # a "periventricular" block in the middle of the brain
+    image = np.where(brain, 0.9, 0.1).astype(np.float32)
+    image[10:20] = np.where(brain[10:20], 0.2, 0.1)  # a CSF-like slab: the darkest 5 % of the brain
+    original = image.copy()
+    modified, truth = add_ovoid_lesions(image, brain, np.random.default_rng(3), centres, count=12)
+    assert np.array_equal(image, original)
+    labels, n_lesions = ndimage.label(truth)
+    assert 6 <= n_lesions <= 12  # some of twelve may touch one another
+    volumes_ml = ndimage.sum(truth, labels, range(1, n_lesions + 1)) * 8 / 1000
+    assert volumes_ml.min() >= 0.008 and volumes_ml.max() <= 1.0
+    centroids = np.array(ndimage.center_of_mass(truth, labels, range(1, n_lesions + 1)))
+    assert np.all((centroids >= [28, 38, 28]) & (centroids <= [52, 62, 52]))
+    darkening = (original - modified)[truth > 0] / (0.9 - 0.2)  # fraction of the way to the CSF-like fill
+    assert darkening.min() >= 0.15 - 1e-4 and 0.15 <= np.median(darkening) <= 0.4  # faint (overlaps add up)

@@ -13,13 +13,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 _itk_threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 
-from choose_fusion_weights import weightings  # noqa: E402
-from compare_fusion_weights import KINDS, score  # noqa: E402
+from choose_fusion_weights import periventricular_white_matter, weightings  # noqa: E402
+from compare_fusion_weights import score  # noqa: E402
 from compare_fusion_weights import scored_cases as fused_and_scored  # noqa: E402
 
 # The chooser pins registration to one thread for itself; the rest of the suite keeps its own setting.
 if _itk_threads is None:
     os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
+
+
+KINDS = ("synthetic", "stroke", "small stroke", "many small", "ms-like")  # the validation's kinds of lesion case
 
 
 def grid(**values) -> SimpleNamespace:
@@ -74,6 +77,23 @@ def test_the_candidate_fuses_its_own_dae():
     incumbent = fused_and_scored(cases, anchors, weights, 0.01, members=0)
     candidate = fused_and_scored(cases, anchors, weights, 0.01, members=1)
     assert score(candidate, [0]) > 0.9 > 0.2 > score(incumbent, [0])
+
+
+def test_ms_like_lesions_are_centred_around_the_ventricles_not_the_sulci():
+    """The MS-like validation kind's centres: white matter within 10 mm of a deep CSF space; a sulcus (CSF near the
+    brain's edge) is no ventricle."""
+    shape = (60, 60, 60)
+    brain = np.zeros(shape, bool)
+    brain[5:55, 5:55, 5:55] = True
+    wm, gm = brain.astype(np.float32), np.zeros(shape, np.float32)
+    wm[28:32, 28:32, 28:32] = 0  # a ventricle in the middle
+    wm[5:8, 20:24, 20:40] = 0  # a sulcus at the edge
+    centres = periventricular_white_matter(wm, gm, brain, spacing_mm=2.0)
+    index = np.argwhere(centres)
+    nearest = np.clip(index, 28, 31)  # the ventricle voxel nearest to each centre
+    assert centres.any() and np.all(np.linalg.norm(index - nearest, axis=1) * 2.0 <= 10.0)
+    assert not centres[:14].any()  # nothing beside the sulcus, which lies 40 mm from the ventricle
+    assert not centres[28:32, 28:32, 28:32].any()  # white matter only
 
 
 def test_thin_csf_is_a_sheet_of_csf_not_a_cavity():

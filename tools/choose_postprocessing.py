@@ -4,16 +4,19 @@ subjects, never test subjects or lesion cases:
     python tools/choose_postprocessing.py --data ../shared/data --model fusion > Resources/postprocessing-validation.txt
 
 The model's map of each validation case of tools/choose_fusion_weights.py (synthetic anomalies, one stroke shape,
-two small ones, a scan with 8 to 24 small ones at once, the clean scan) is computed once. Every setting on the grid
-gets its threshold from the clean scans at the model's false-positive rate (only the erosion moves it: the rate is
-counted inside the eroded brain) and is scored by the mean, over the four kinds of case, of the mean Dice; the
+two small ones, a scan with 8 to 24 small ones at once, a scan with 10 to 30 faint MS-like ones, the clean scan) is
+computed once. Every setting on the grid gets its threshold from the clean scans at the model's false-positive rate
+(only the erosion moves it: the rate is counted inside the eroded brain) and is scored by the mean, over the kinds of
+lesion case, of the mean Dice; the
 volume it flags on the clean scans is printed beside it. The choice is the best mean Dice among the settings that
 flag no more on the clean scans than the model's current ones and lose no more than 0.01 Dice on any kind of case:
 - a setting that finds more by flagging more would spend the healthy-volume budget that another site's scans need
   (EVALUATION.md: at most 15 ml on MASS);
-- three of the four kinds hold one lesion, so the mean alone rewards keeping fewer components (top-K 5 won it on the
-  first run, at 0.10 Dice less on the scans with many small lesions, the MS-like ones): a setting must not trade one
-  kind of patient for another.
+- three of the kinds hold one lesion, so the mean alone rewards keeping fewer components (top-K 5 won it on the
+  first run, at 0.10 Dice less on the scans with many small lesions): a setting must not trade one kind of patient
+  for another.
+
+Resources/postprocessing-validation.txt was written before the MS-like kind existed.
 
 All of this is on the 2 mm working grid, where `uad detect` segments on the scan's own grid (usually 1 mm): a
 dilation of 1 mm is no voxel here, so dilation is not searched.

@@ -30,8 +30,6 @@ from uad.metrics import auprc, dice
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.postprocessing import PostprocessConfig, segment_filtered
 
-KINDS = ("synthetic", "stroke", "small stroke", "many small")
-
 
 def scored_cases(cases, anchors: tuple[float, ...], dae_weights: tuple[float, ...], fpr: float,
                  members: int) -> list[tuple]:
@@ -56,7 +54,7 @@ def score(scored, subjects) -> float:
     for case in scored:
         by_subject.setdefault(case[1], []).append(case)
     values = []
-    for kind in KINDS:
+    for kind in sorted({case[0] for case in scored}):
         chosen = [case for subject in subjects for case in by_subject[subject] if case[0] == kind]
         values.append(auprc(np.concatenate([c[3] for c in chosen]), np.concatenate([c[4] for c in chosen])))
         values.append(float(np.mean([c[2] for c in chosen])))

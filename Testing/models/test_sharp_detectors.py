@@ -7,7 +7,7 @@ import torch
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.errors import UserInputError
 from uad.models import build_model
-from uad.models.dae import DAEConfig, coarse_noise, foreign_patches, widen_csf_spaces
+from uad.models.dae import DAEConfig, coarse_noise, foreign_patches, training_noise, widen_csf_spaces
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 from uad.models.scoring import healthy_map_statistics, standardise_map
@@ -24,6 +24,20 @@ def test_dae_noise_is_coarse_and_of_the_configured_strength():
     neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
     assert neighbours > 0.95
     assert 0.1 < float(noise.std()) < 0.2  # bilinear upsampling smooths a little of the 0.2 away
+
+
+def test_fine_noise_is_drawn_twice_as_fine_in_its_share_of_the_slices():
+    def neighbour_correlation(noise):
+        return float(torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1])
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    coarse = training_noise((64, 1, 80, 96), DAEConfig(noise_grid_divisor=8), cpu)
+    fine = training_noise((64, 1, 80, 96), DAEConfig(noise_grid_divisor=8, fine_noise_probability=1.0), cpu)
+    assert neighbour_correlation(fine) < neighbour_correlation(coarse) - 0.02
+    half = training_noise((200, 1, 80, 96), DAEConfig(noise_grid_divisor=8, fine_noise_probability=0.5), cpu)
+    fine_slices = torch.tensor([neighbour_correlation(s) < 0.955 for s in half]).float().mean()
+    assert 0.35 < float(fine_slices) < 0.65
 
 
 def test_foreign_patches_blend_another_slice_into_an_irregular_blob_inside_the_brain():
@@ -53,6 +67,8 @@ def test_dae_refuses_a_foreign_patch_share_outside_0_to_1():
         build_model(DAEConfig(foreign_patch_probability=1.5))
     with pytest.raises(UserInputError, match="csf_widening_probability"):
         build_model(DAEConfig(csf_widening_probability=-0.1))
+    with pytest.raises(UserInputError, match="fine_noise_probability"):
+        build_model(DAEConfig(fine_noise_probability=2.0))
 
 
 def test_widened_csf_spaces_grow_from_the_csf_at_its_intensity_and_stay_in_the_brain():

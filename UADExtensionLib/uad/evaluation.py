@@ -182,15 +182,15 @@ def working_grid_slice_scores(variant: Variant, prediction, filtered: np.ndarray
                      for k in range(mask.shape[2])])
 
 
-def placement_mask(grid=WORKING_GRID) -> np.ndarray:
-    """Where synthetic anomalies are centred: the MNI152 brain mask on the working grid, eroded by 4 mm.
+def placement_mask(grid=WORKING_GRID, erosion_mm: float = 4.0) -> np.ndarray:
+    """Where synthetic anomalies are centred: the MNI152 brain mask on the working grid, eroded by ``erosion_mm``.
 
     A fixed array (no registration involved), so every run and every machine places the same anomalies. Eroded
     so that a centre lies inside every subject's brain; the ground truth is the shape inside the subject's own mask.
     """
     reference = grid.reference_image()
     template = ants.resample_image_to_target(resources.template_image("mni_brainmask"), reference).numpy() > 0.5
-    return erode_brain_mask(template, (grid.spacing,) * 3, 4.0)
+    return erode_brain_mask(template, (grid.spacing,) * 3, erosion_mm)
 
 
 def _pooled_with_intervals(scores_per_subject: list[np.ndarray], labels_per_subject: list[np.ndarray],
