@@ -21,8 +21,9 @@ weights per anchor, interpolated linearly in between): on the validation cases a
 the searches between are in Resources/reading-directions-validation.txt). A lesion's voxels take the weights of the
 intensity they have, not of the tissue they replaced, which is what the validation lesions (painted darker than the
 tissue) measured. Faint MS-like lesions in white matter (a fifth kind of validation case, added after these weights
-were chosen) lie at 0.68-0.79, where the DAE weighs 0.7-1.0 and barely sees them; a fourth anchor there with more
-retrieval scored higher on validation, but within the noise of its subjects (Resources/ms-like-validation.txt).
+were chosen) have median intensities of 0.68-0.79, where the DAE weighs 0.7-1.0 and barely sees them; a fourth
+anchor there with more retrieval scored higher on validation, but within the noise of its subjects
+(Resources/ms-like-validation.txt).
 
 The members are not copied into this checkpoint (that would double the package): it names them and records
 their SHA-256, and loading verifies that the bundled files are exactly those the fusion was fitted with.
