@@ -20,7 +20,9 @@ the stroke shapes are not: small ovoids in periventricular white matter (``ms_le
 40 % of the way to CSF, as multiple sclerosis shows on T1 (``uad.lesion_shapes.add_ovoid_lesions``). Every
 (weight, smoothing, median filter, healthy-voxel FPR) on a grid gets a threshold from the clean scans as ``uad train
 --fpr`` calibrates one, and is scored by the mean, over the five kinds of lesion case, of the pooled AUPRC and of the
-mean Dice at that threshold: what a reader of the map and what a user of the segmentation each get.
+mean Dice at that threshold: what a reader of the map and what a user of the segmentation each get. The MS-like kind
+came last (2026-12-07): every Resources file written by this tool or one that reuses its cases, except
+Resources/ms-like-validation.txt, was scored on the other four, so its scores cannot be compared with today's.
 
 The choice is made at one operating point, ``--fpr`` (default 1 %, the project's default, EVALUATION.md); the other
 rates are scored for information only. Stricter rates win on these painted lesions at every contrast, yet a fusion
