@@ -169,7 +169,11 @@ def calibrated_dice(filtered, post: PostprocessConfig, fpr: float) -> tuple[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--members", nargs=2, default=["dae", "patch-retrieval"])
+    parser.add_argument("--members", nargs="+", default=["dae", "patch-retrieval"],
+                        help="bundled model names or checkpoint paths; the grid sets the first one's weight")
+    parser.add_argument("--splits", nargs="*", default=[],
+                        help="with three or more members, how the others share what the first leaves: one "
+                             "comma-separated list per try, e.g. 0.5,0.5 0.75,0.25 (default: equal shares)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "uad"))
     parser.add_argument("--grid", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0],
@@ -191,6 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.anchor_grid) != len(args.anchors):
         parser.error("--anchor-grid needs one list of weights per --anchors value")
+    if len(args.members) < 2 or any(len(split) != len(args.members) - 1 for split in splits(args)):
+        parser.error("give two or more --members, and one --splits share per member after the first")
     rates = sorted({args.fpr, *args.fprs}, reverse=True)
     members = [load_checkpoint(resolve_checkpoint_path(name)) for name in args.members]
     cases = [(kind, member_maps(members, image, mask, args.predictions), truth, mask, image)
@@ -219,20 +225,37 @@ def main() -> None:
 
 def weightings(args) -> list[tuple[str, dict]]:
     """(label, FusionConfig weight fields) of every weighting on the grid: the first member's weight everywhere
-    (``--grid``), then, with ``--anchors``, every combination of its weight at each anchor (``--anchor-grid``)."""
-    def pair(weight: float) -> tuple[float, float]:
-        return weight, round(1 - weight, 4)
-
-    found = [(f"{w:.2f}", {"weights": pair(w)}) for w in args.grid]
-    if not args.anchors:  # the product of no lists is one empty combination, not none
-        return found
-    for combination in itertools.product(*[[float(w) for w in ws.split(",")] for ws in args.anchor_grid]):
-        label = " ".join(f"{w:.2f}@{a:g}" for w, a in zip(combination, args.anchors))
-        # ``weights`` is unused where anchors are given; the anchors' mean shows the overall balance.
-        found.append((label, {"weights": pair(round(float(np.mean(combination)), 4)),
-                              "intensity_anchors": tuple(args.anchors),
-                              "anchor_weights": tuple(pair(w) for w in combination)}))
+    (``--grid``), then, with ``--anchors``, every combination of its weight at each anchor (``--anchor-grid``); each
+    with every way the other members share the rest (``--splits``)."""
+    found = []
+    for split in splits(args):
+        rest = f" rest {','.join(f'{share:g}' for share in split)}" if len(split) > 1 else ""
+        found += [(f"{w:.2f}{rest}", {"weights": member_row(w, split)}) for w in args.grid]
+        if not args.anchors:  # the product of no lists is one empty combination, not none
+            continue
+        for combination in itertools.product(*[[float(w) for w in ws.split(",")] for ws in args.anchor_grid]):
+            label = " ".join(f"{w:.2f}@{a:g}" for w, a in zip(combination, args.anchors)) + rest
+            # ``weights`` is unused where anchors are given; the anchors' mean shows the overall balance.
+            found.append((label, {"weights": member_row(round(float(np.mean(combination)), 4), split),
+                                  "intensity_anchors": tuple(args.anchors),
+                                  "anchor_weights": tuple(member_row(w, split) for w in combination)}))
     return found
+
+
+def splits(args) -> list[tuple[float, ...]]:
+    """Each ``--splits`` entry as shares of what the first member leaves; by default, equal shares."""
+    others = len(args.members) - 1
+    return [parse_split(entry, others) for entry in args.splits] or [parse_split(None, others)]
+
+
+def parse_split(entry: str | None, others: int) -> tuple[float, ...]:
+    """"0.5,0.5" -> (0.5, 0.5); None -> ``others`` equal shares."""
+    return tuple(float(share) for share in entry.split(",")) if entry else (1 / others,) * others
+
+
+def member_row(first: float, split: tuple[float, ...]) -> tuple[float, ...]:
+    """One weight per member: ``first`` for the first member, the rest shared by ``split``."""
+    return (first, *(round((1 - first) * share, 4) for share in split))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # alone, so neither is bundled. The 1000-step run's fused gain is within the noise of the validation subjects,
 # +0.0021 [-0.0024, +0.0062] (above 0 in 84 % of the resamples; ~40 min):
 #   python tools/compare_fusion_weights.py --data "$DATA" --incumbent 0.7 0.3 1.0 --candidate 0.7 0.3 1.0 \
-#       --candidate-dae runs/dae-widen-s0/model.pt --predictions "$CACHE/validation-predictions"
+#       --candidate-members runs/dae-widen-s0/model.pt patch-retrieval --predictions "$CACHE/validation-predictions"
 # Two ideas without training, scored the same way (validation AUPRC of the final map, the chooser's dae-alone and
 # fused scores), not kept either: the network applied twice at inference, each pass denoising the previous one's
 # output (an uncommitted option): 0.7754, 0.3664, 0.5155; a model soup, the bundled dae's weights averaged with those
@@ -155,7 +155,10 @@ python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae 
 # With the chooser's fifth kind of case, MS-like lesions (the dae is nearly blind to them; retrieval is not), a fourth
 # anchor at 0.7, where those lesions lie, with less dae there (0.8 / 0.5 / 0.4 / 1.0 at 0.2 / 0.5 / 0.7 / 0.9) scored
 # 0.4341 against these weights' 0.4232, a gain within the noise of the validation subjects, +0.0129 [-0.0071,
-# +0.0382], so these stay (~1 h for every run in the file: Resources/ms-like-validation.txt has the commands).
+# +0.0382], so these stay. The rae as a third member, with or without that anchor, scored up to
+# 0.4453, +0.0233 [+0.0093, +0.0407], but by losing 0.03-0.05 of stroke shapes' AUPRC and Dice: no kind may lose
+# more than 0.01 (tools/compare_fusion_weights.py), so these stay (~2 h for every run in the file, two at a time:
+# Resources/ms-like-validation.txt has the commands).
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option 'weights=[0.6667,0.3333]' \
     --option 'intensity_anchors=[0.2,0.5,0.8]' --option 'anchor_weights=[[0.7,0.3],[0.3,0.7],[1.0,0.0]]' \
