@@ -57,6 +57,8 @@ def anchored_config(members: list[str], anchors: tuple[float, ...], first_weight
                     split: str | None) -> FusionConfig:
     """The fusion of ``members`` whose first member weighs ``first_weights`` at the anchors, the others sharing the
     rest by ``split`` (comma-separated; default equal shares)."""
+    if len(members) < 2:
+        raise ValueError(f"{members}: a fusion needs two or more members")
     shares = parse_split(split, len(members) - 1)
     if len(shares) != len(members) - 1:
         raise ValueError(f"{members}: a split needs {len(members) - 1} shares, got {split}")
