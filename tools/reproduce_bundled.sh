@@ -165,7 +165,7 @@ uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache
     --option smoothing_sigma_voxels=0.0 --median-mm 0.0 --fpr 0.01
 # Its segmentation steps (brain erosion, smallest component, top-K) were scored on validation and left as they are:
 #   python tools/choose_postprocessing.py --data "$DATA" --model runs/fusion/model.pt \
-#       > Resources/postprocessing-validation.txt
+#       --predictions "$CACHE/validation-predictions" > Resources/postprocessing-validation.txt
 python tools/bundle_weights.py runs/fusion --default fusion
 # Where its false positives lie on healthy and real-lesion scans, and what damping thin CSF-like voxels costs on
 # validation (a diagnostic: nothing is chosen from it; ~5 min; README, Limits):
