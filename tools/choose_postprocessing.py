@@ -8,9 +8,9 @@ The model's map of each validation case of tools/choose_fusion_weights.py (synth
 two small ones, a scan with 8 to 24 small ones at once, a scan with 10 to 30 faint MS-like ones, the clean scan) is
 computed once. Every setting on the grid gets its threshold from the clean scans at the model's false-positive rate
 (only the erosion moves it: the rate is counted inside the eroded brain) and is scored by the mean, over the kinds of
-lesion case, of the mean Dice; the
-volume it flags on the clean scans is printed beside it. The choice is the best mean Dice among the settings that
-flag no more on the clean scans than the model's current ones and lose no more than 0.01 Dice on any kind of case:
+lesion case, of the mean Dice; the volume it flags on the clean scans is printed beside it. The choice is the best
+mean Dice among the settings that flag no more on the clean scans than the model's current ones and lose no more than
+``MAX_KIND_LOSS`` (0.01) Dice on any kind of case:
 - a setting that finds more by flagging more would spend the healthy-volume budget that another site's scans need
   (EVALUATION.md: at most 15 ml on MASS);
 - three of the kinds hold one lesion, so the mean alone rewards keeping fewer components (top-K 5 won it on the
@@ -34,14 +34,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from choose_fusion_weights import SPACING, calibrated_dice, validation_cases
+from choose_fusion_weights import MAX_KIND_LOSS, SPACING, calibrated_dice, validation_cases
 
 from uad.checkpoint import load_checkpoint
 from uad.evaluation import Variant
 from uad.inference import resolve_checkpoint_path
 from uad.postprocessing import median_filter
-
-MAX_DICE_LOSS = 0.01  # on any kind of case, against the current settings
 
 
 def score(cases, post, fpr: float) -> dict:
@@ -85,7 +83,7 @@ def main() -> None:
     now = scores[current_key]
     dice_kinds = [name for name in now if name.startswith("dice ")]
     allowed = [key for key in scores if scores[key]["healthy ml"] <= now["healthy ml"] + 1e-9
-               and all(scores[key][name] >= now[name] - MAX_DICE_LOSS for name in dice_kinds)]
+               and all(scores[key][name] >= now[name] - MAX_KIND_LOSS for name in dice_kinds)]
     best = max(allowed, key=lambda key: scores[key]["mean dice"])  # the current settings always qualify
     print(json.dumps({"model": args.model, "brain_erosion_mm": best[0], "min_component_mm3": best[1],
                       "top_k": best[2], "validation": scores[best]}))

@@ -24,7 +24,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from choose_fusion_weights import CASES_PER_SUBJECT, SPACING, member_maps, member_row, parse_split, validation_cases
+from choose_fusion_weights import (
+    CASES_PER_SUBJECT,
+    MAX_KIND_LOSS,
+    SPACING,
+    member_maps,
+    member_row,
+    parse_split,
+    validation_cases,
+)
 
 from uad.calibration import healthy_threshold
 from uad.checkpoint import load_checkpoint
@@ -32,12 +40,6 @@ from uad.inference import resolve_checkpoint_path
 from uad.metrics import dice
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.postprocessing import PostprocessConfig, segment_filtered
-
-# A candidate must not buy its score on some kinds of patient with another's: no kind's AUPRC or Dice may fall by more
-# than this (as in tools/choose_postprocessing.py). A third member (rae) and more retrieval at white-matter-like
-# intensity raised the score beyond the noise of the subjects while stroke shapes' AUPRC and Dice fell by 0.03-0.05,
-# on validation and on the test split alike (Resources/ms-like-validation.txt).
-MAX_KIND_LOSS = 0.01
 
 
 def scored_cases(cases, config: FusionConfig, fpr: float, side: int) -> list[tuple]:

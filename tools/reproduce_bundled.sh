@@ -155,9 +155,9 @@ python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae 
 # With the chooser's fifth kind of case, MS-like lesions (the dae is nearly blind to them; retrieval is not), a fourth
 # anchor at 0.7, where those lesions lie, with less dae there (0.8 / 0.5 / 0.4 / 1.0 at 0.2 / 0.5 / 0.7 / 0.9) scored
 # 0.4341 against these weights' 0.4232, a gain within the noise of the validation subjects, +0.0129 [-0.0071,
-# +0.0382], so these stay. The rae as a third member, with or without that anchor, scored up to
-# 0.4453, +0.0233 [+0.0093, +0.0407], but by losing 0.03-0.05 of stroke shapes' AUPRC and Dice: no kind may lose
-# more than 0.01 (tools/compare_fusion_weights.py), so these stay (~2 h for every run in the file, two at a time:
+# +0.0382]. The rae as a third member, with or without that anchor, scored up to 0.4453, +0.0233 [+0.0093, +0.0407],
+# but lost 0.03-0.05 of stroke shapes' AUPRC and Dice, and no kind may lose more than 0.01
+# (tools/compare_fusion_weights.py). So these weights stay (~2 h for every run in the file, two at a time:
 # Resources/ms-like-validation.txt has the commands).
 uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache "$CACHE" --seed 0 \
     --option 'members=["dae","patch-retrieval"]' --option 'weights=[0.6667,0.3333]' \
