@@ -1,4 +1,4 @@
-"""The choosing tools' own logic (tools/): which weightings a grid holds, and the paired score over subjects."""
+"""The tools' own logic (tools/): which weightings a grid holds, the paired score over subjects, model cards."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ _itk_threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 from choose_fusion_weights import periventricular_white_matter, weightings  # noqa: E402
 from compare_fusion_weights import PooledCases, anchored_config, verdict  # noqa: E402
 from compare_fusion_weights import scored_cases as fused_and_scored  # noqa: E402
+from write_model_cards import _selection as checkpoint_selection  # noqa: E402
 
 # The chooser pins registration to one thread for itself; the rest of the suite keeps its own setting.
 if _itk_threads is None:
@@ -152,3 +153,11 @@ def test_thin_csf_is_a_sheet_of_csf_not_a_cavity():
     other[2:18, 2:18, 5] = 1.0  # the second brain has no sheet
     frequency = healthy_csf_frequency(np.stack([image, other]), np.stack([brain, brain]))
     assert frequency[10, 10, 5] == 0.5 and frequency[10, 10, 12] == 1.0 and frequency[0, 0, 0] == 0.0
+
+
+def test_a_model_card_names_the_score_its_checkpoint_was_chosen_by():
+    pixel = checkpoint_selection({"auprc": 0.29, "step": 1500, "curve": [[500, 0.2], [1500, 0.29]]})
+    slices = checkpoint_selection({"slice_auroc": 0.83, "step": 1000, "curve": [[500, 0.8], [1000, 0.83]]})
+    assert "validation AUPRC of the raw map (0.29" in pixel and "validation AUPRC by step: 500: 0.200" in pixel
+    assert "validation slice AUROC of its classifier (0.83" in slices and "AUPRC" not in slices
+    assert "validation slice AUROC by step: 500: 0.800, 1000: 0.830" in slices

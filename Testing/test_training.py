@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from uad import calibration
 from uad.checkpoint import load_checkpoint
 from uad.data import find_subjects, split_subjects
 from uad.errors import UserInputError
 from uad.models.dae import DAEModel
-from uad.training import TrainConfig, _augment, brain_slices_from_volumes, train
+from uad.models.slicewise import brain_slices_from_volumes
+from uad.training import TrainConfig, _augment, train
 
 from conftest import IXI_MASK, IXI_T1, run_cli
 
@@ -154,6 +156,27 @@ def test_a_net_trained_in_three_directions_learns_from_slices_of_each(cohort, ca
                              steps=12, batch_size=2, validate_every=12, threads=1, model_options=options))
     assert set(seen) == {(80, 96), (80, 80), (96, 80)}  # axial, coronal, sagittal slices of the working grid
     assert load_checkpoint(path).model.config.training_directions == ("axial", "coronal", "sagittal")
+
+
+def test_the_slice_classifier_is_chosen_by_its_slice_auroc(cohort, cache, tmp_path, monkeypatch):
+    """mae-classifier's pixel map is its frozen first stage's: its checkpoints are told apart by slice AUROC."""
+    stage_one = train(TrainConfig(model="swin-mae", data_dir=str(cohort), out_dir=str(tmp_path / "stage-one"),
+                                  cache_dir=str(cache), steps=1, batch_size=2, validate_every=1, threads=1))
+    scored = []
+    score = calibration.validation_slice_auroc
+
+    def recording_score(model, images, masks, seed=0):
+        scored.append(model.config.name)
+        return score(model, images, masks, seed=seed)
+
+    monkeypatch.setitem(calibration.VALIDATION_SCORES, "slice_auroc", recording_score)
+    path = train(TrainConfig(model="mae-classifier", data_dir=str(cohort), out_dir=str(tmp_path / "run"),
+                             cache_dir=str(cache), steps=2, batch_size=2, validate_every=1, threads=1,
+                             init_from=str(stage_one)))
+    best = load_checkpoint(path).training["best_validation"]
+    assert scored == ["mae-classifier"] * 2 and [step for step, _ in best["curve"]] == [1, 2]
+    assert best["slice_auroc"] == max(value for _, value in best["curve"]) and "auprc" not in best
+    assert 0 <= best["slice_auroc"] <= 1
 
 
 def test_zero_steps_without_trained_weights_is_refused_before_anything_is_written(cohort, tmp_path, capsys):

@@ -83,7 +83,8 @@ import json, sys, time, numpy as np, torch
 from uad.data import load_cached
 from uad.calibration import validation_auprc
 from uad.models import build_model, get_spec
-from uad.training import brain_slices_from_volumes, _augment
+from uad.models.slicewise import brain_slices_from_volumes
+from uad.training import _augment
 model_name, options, batch, cache, device = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
 torch.set_num_threads(2)
 spec = get_spec(model_name)

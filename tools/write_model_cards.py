@@ -32,12 +32,20 @@ def _how_trained(training: dict, config: dict) -> str:
 def _selection(best: dict) -> str:
     if not best:
         return "none needed (closed-form fit)"
-    text = (f"weights from step {best['step']}, the best validation AUPRC of the raw map ({best['auprc']}; pooled "
-            "voxel AUPRC on synthetic anomalies in the validation subjects, checked every validate-every steps)")
+    if "slice_auroc" in best:  # a slice classifier on a frozen first stage's map (selection_score)
+        text = (f"weights from step {best['step']}, the best validation slice AUROC of its classifier "
+                f"({best['slice_auroc']}; axial slices of the validation subjects with synthetic anomalies, checked "
+                "every validate-every steps)")
+        name = "slice AUROC"
+    else:
+        text = (f"weights from step {best['step']}, the best validation AUPRC of the raw map ({best['auprc']}; "
+                "pooled voxel AUPRC on synthetic anomalies in the validation subjects, checked every validate-every "
+                "steps)")
+        name = "AUPRC"
     if "auprc_final_map" in best:
         text += f"; the final map (after healthy map statistics) scores {best['auprc_final_map']} on the same data"
     if best.get("curve"):
-        text += "; validation AUPRC by step: " + _curve(best["curve"])
+        text += f"; validation {name} by step: " + _curve(best["curve"])
     return text
 
 

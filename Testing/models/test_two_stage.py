@@ -77,6 +77,28 @@ def test_pseudo_abnormal_boxes_only_dim_the_reconstruction():
     assert all((pseudo[i] < images[i]).any() for i in range(len(images)))  # every slice got a visible box
 
 
+def test_the_map_reading_classifier_learns_from_synthetic_anomalies_as_stage_one_maps_them():
+    """classifier_input="anomaly-map": training pairs are (the classifier's map, the anomaly's truth) per slice,
+    made by predict itself; the slice scores come from that map, so training and inference read the same thing."""
+    torch.manual_seed(0)
+    model = build_model(MAEClassifierConfig(classifier_input="anomaly-map", anomalies_per_volume=1)).eval()
+    image, mask = healthy_like()
+    model.map_mean.zero_()
+    model.map_std.fill_(0.05)  # "fitted", so the map is z-scored as a trained stage 1's
+    inputs, slice_masks = model.training_slices(image[None], mask[None])
+    assert inputs.shape[1] == 2 and len(inputs) == len(slice_masks) and model.training is False
+    assert set(np.unique(inputs[:, 1])) == {0.0, 1.0}  # the truth channel marks the painted anomaly
+    assert 0 < (inputs[:, 1].max(axis=(1, 2)) > 0).sum() < len(inputs)  # some slices hold it, some do not
+    assert inputs[:, 0].min() >= 0 and inputs[:, 0].max() <= 2  # z-scores clipped to 0..20, divided by 10
+    output = model.loss(torch.from_numpy(inputs[:8]), torch.from_numpy(slice_masks[:8]))
+    assert output.total.item() > 0 and 0 <= output.terms["accuracy"] <= 1
+    scores = model.predict(image, mask).slice_scores
+    assert scores.shape == (image.shape[2],) and ((scores >= 0) & (scores <= 1)).all()
+    assert (scores[mask.sum(axis=(0, 1)) == 0] == 0).all() and scores.max() > 0
+    with pytest.raises(UserInputError, match="classifier_input is one of"):
+        MAEClassifierConfig(classifier_input="map")
+
+
 def test_the_classifier_scores_every_slice():
     torch.manual_seed(0)
     model = build_model(MAEClassifierConfig()).eval()
@@ -85,6 +107,21 @@ def test_the_classifier_scores_every_slice():
     scores = prediction.slice_scores
     assert scores.shape == (image.shape[2],) and ((scores >= 0) & (scores <= 1)).all()
     assert (scores[mask.sum(axis=(0, 1)) == 0] == 0).all()  # no brain, nothing to score
+
+
+def test_the_classifier_learns_from_reconstructions_made_once_as_from_those_made_at_each_step():
+    """Stage 1 is frozen, so training_slices' stored reconstructions must give the loss it would compute itself."""
+    model = build_model(MAEClassifierConfig()).eval()
+    image, mask = healthy_like()
+    inputs, slice_masks = model.training_slices(image[None], mask[None], batch_size=16)  # several batches: seams
+    images, masks = torch.from_numpy(inputs[:, :1].copy()), torch.from_numpy(slice_masks)
+    assert inputs.shape[1] == 2 and len(inputs) > 16
+    losses = []
+    for batch in (images, torch.from_numpy(inputs)):
+        torch.manual_seed(0)  # the same pseudo-abnormal boxes both times
+        losses.append(model.loss(batch, masks).total.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert model.training is False  # training_slices leaves the mode as it found it
 
 
 def test_mae_classifier_starts_from_a_swin_mae_with_the_same_options(tmp_path):

@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 import uad
 from uad.bundle import add_to_manifest
-from uad.calibration import calibrate_model, validation_auprc
+from uad.calibration import VALIDATION_SCORE_NAMES, VALIDATION_SCORES, calibrate_model, validation_auprc
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.data import find_subjects, load_cached, prepare_cohort, split_subjects
 from uad.devices import resolve_device
 from uad.errors import UserInputError
 from uad.models import AnomalyModel, build_model, get_spec
-from uad.models.slicewise import MAP_STATISTICS, READING_AXES, to_slices
+from uad.models.slicewise import MAP_STATISTICS
 from uad.postprocessing import PostprocessConfig
 from uad.preprocessing import PreprocessConfig
 
@@ -347,12 +347,13 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
     ddp = ddp or Distributed()
     batch_size = config.batch_size // ddp.world_size
     directions = model.config.training_directions
-    slices = {d: brain_slices_from_volumes(cohort.train_images, cohort.train_masks, d) for d in directions}
+    slices = {d: model.training_slices(cohort.train_images, cohort.train_masks, d) for d in directions}
+    validation_score = VALIDATION_SCORES[model.selection_score]
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps,
                                                           eta_min=config.learning_rate / 50)
-    # best also keeps the whole validation curve (step, AUPRC), so a model card can show whether more would help
-    step, best, seconds = 0, {"auprc": -1.0, "step": 0, "curve": []}, 0.0
+    # best also keeps the whole validation curve (step, score), so a model card can show whether more would help
+    step, best, seconds = 0, {model.selection_score: -1.0, "step": 0, "curve": []}, 0.0
     last_path = out_dir / "last.pt"
     if last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=True)
@@ -419,12 +420,12 @@ def _train_loop(model: AnomalyModel, cohort: Cohort, config: TrainConfig, device
             bar.set_postfix({k: f"{v:.4f}" for k, v in loss_step.terms.items()})
             if ddp.is_main and (step % config.validate_every == 0 or step == config.steps):
                 model.eval()
-                score = validation_auprc(model, cohort.validation_images, cohort.validation_masks, seed=config.seed)
+                score = validation_score(model, cohort.validation_images, cohort.validation_masks, seed=config.seed)
                 model.train()
-                log.info("step %d: validation AUPRC %.4f", step, score)
+                log.info("step %d: validation %s %.4f", step, VALIDATION_SCORE_NAMES[model.selection_score], score)
                 best["curve"] = [*best["curve"], [step, round(score, 4)]]
-                if score > best["auprc"]:
-                    best = {**best, "auprc": round(score, 4), "step": step}
+                if score > best[model.selection_score]:
+                    best = {**best, model.selection_score: round(score, 4), "step": step}
                     torch.save(Checkpoint(model, PreprocessConfig()).to_dict(), out_dir / "best.pt")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_state(last_path)
@@ -446,16 +447,6 @@ def _restore_random_states(state: dict, rng: np.random.Generator, ddp: Distribut
         return
     rng.bit_generator.state = json.loads(saved["numpy_rng"])
     torch.set_rng_state(saved["torch_rng"])
-
-
-def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction: str = "axial",
-                              min_brain_fraction: float = 0.05):
-    """(N, X, Y, Z) volumes -> (M, 1, H, W) slices in ``direction`` that contain brain, as inference cuts them."""
-    axis = READING_AXES[direction]
-    slices = np.concatenate([to_slices(volume, axis) for volume in volumes])
-    slice_masks = np.concatenate([to_slices(mask, axis) for mask in masks])
-    keep = slice_masks.mean(axis=(1, 2, 3)) >= min_brain_fraction
-    return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
 
 
 def _augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, mirror: bool = True,

@@ -62,6 +62,9 @@ class AnomalyModel(nn.Module):
     keeps_stage_one_map: ClassVar[bool] = False  # two-stage models whose anomaly map is their first stage's
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # What training picks its checkpoint by (a key of uad.calibration.VALIDATION_SCORES): the pixel map's AUPRC,
+    # or the slice classifier's slice AUROC where the map is a frozen first stage's.
+    selection_score: ClassVar[str] = "auprc"
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> LossOutput:
         raise NotImplementedError

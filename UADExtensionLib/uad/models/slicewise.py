@@ -70,6 +70,17 @@ def from_slices(slices: np.ndarray, axis: int = 2) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(slices[:, 0], 0, axis))
 
 
+def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction: str = "axial",
+                              min_brain_fraction: float = 0.05):
+    """(N, X, Y, Z) volumes -> (M, 1, H, W) slices in ``direction`` that contain brain, as inference cuts them."""
+    axis = READING_AXES[direction]
+    slices = np.concatenate([to_slices(volume, axis) for volume in volumes])
+    slice_masks = np.concatenate([to_slices(mask, axis) for mask in masks])
+    keep = slice_masks.mean(axis=(1, 2, 3)) >= min_brain_fraction
+    return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
+
+
+
 class SliceModel(AnomalyModel):
     """A model that reconstructs one (1, X, Y) slice at a time; subclasses implement ``reconstruct``."""
 
@@ -98,6 +109,12 @@ class SliceModel(AnomalyModel):
 
     def reconstruct(self, images: torch.Tensor, masks: torch.Tensor, mask_size_px: int | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def training_slices(self, volumes: np.ndarray, masks: np.ndarray,
+                        direction: str = "axial") -> tuple[np.ndarray, np.ndarray]:
+        """The (M, C, H, W) arrays training batches are drawn from, and their (M, 1, H, W) brain masks: the brain
+        slices of the healthy (N, X, Y, Z) volumes, unless a model learns from something it makes of them."""
+        return brain_slices_from_volumes(volumes, masks, direction)
 
     def reconstruct_with_weight(self, images: torch.Tensor, masks: torch.Tensor,
                                 mask_size_px: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
