@@ -97,6 +97,8 @@ def test_the_map_reading_classifier_learns_from_synthetic_anomalies_as_stage_one
     assert (scores[mask.sum(axis=(0, 1)) == 0] == 0).all() and scores.max() > 0
     with pytest.raises(UserInputError, match="classifier_input is one of"):
         MAEClassifierConfig(classifier_input="map")
+    with pytest.raises(UserInputError, match="anomalies_per_volume is at least 1"):
+        MAEClassifierConfig(classifier_input="anomaly-map", anomalies_per_volume=0)
 
 
 def test_the_classifier_scores_every_slice():

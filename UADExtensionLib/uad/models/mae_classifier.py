@@ -68,6 +68,8 @@ class MAEClassifierConfig(SwinMAEConfig):
     def __post_init__(self):
         if self.classifier_input not in CLASSIFIER_INPUTS:
             raise UserInputError(f"classifier_input is one of {list(CLASSIFIER_INPUTS)}; got {self.classifier_input!r}")
+        if self.anomalies_per_volume < 1:
+            raise UserInputError(f"anomalies_per_volume is at least 1; got {self.anomalies_per_volume}")
 
 
 class DifferenceViT(nn.Module):

@@ -80,7 +80,6 @@ def brain_slices_from_volumes(volumes: np.ndarray, masks: np.ndarray, direction:
     return np.ascontiguousarray(slices[keep], np.float32), np.ascontiguousarray(slice_masks[keep], np.float32)
 
 
-
 class SliceModel(AnomalyModel):
     """A model that reconstructs one (1, X, Y) slice at a time; subclasses implement ``reconstruct``."""
 
