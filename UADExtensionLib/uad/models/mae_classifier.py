@@ -143,13 +143,12 @@ class MAEClassifierModel(SwinMAEModel):
         if self.config.classifier_input == "anomaly-map":
             slices = to_slices(self.classifier_map(prediction.anomaly_map, brain_mask))
             has_brain = to_slices(brain_mask.astype(np.float32)).mean(axis=(1, 2, 3)) >= MIN_BRAIN_FRACTION
-            scores = np.zeros(len(slices), np.float32)
-            device = next(self.parameters()).device
-            for start in range(0, len(slices), batch_size):
-                index = np.flatnonzero(has_brain[start:start + batch_size]) + start
-                if len(index):
-                    logits = self.classifier(torch.from_numpy(slices[index]).to(device))
-                    scores[index] = torch.sigmoid(logits).float().cpu().numpy()
+            scores = np.zeros(len(slices), np.float32)  # slices without brain: not anomalous
+            device, brain_slices = next(self.parameters()).device, np.flatnonzero(has_brain)
+            for start in range(0, len(brain_slices), batch_size):
+                index = brain_slices[start:start + batch_size]
+                logits = self.classifier(torch.from_numpy(slices[index]).to(device))
+                scores[index] = torch.sigmoid(logits).float().cpu().numpy()
             prediction.slice_scores = scores
         return prediction
 
