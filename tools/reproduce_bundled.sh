@@ -100,6 +100,15 @@ uad train --model intensity --data "$DATA/healthy/ixi_t1" --out runs/intensity -
 # fused scores), not kept either: the network applied twice at inference, each pass denoising the previous one's
 # output (an uncommitted option): 0.7754, 0.3664, 0.5155; a model soup, the bundled dae's weights averaged with those
 # of its three fine-tunes above (seeds 4, 5, 6): 0.7763, 0.3816, 0.5218.
+# How the bundled weights' map is scored, tried again on them (2026-12-07; --steps 0 as above with one option added, the
+# validation AUPRC of the final map against 0.7784, which the same command without it reproduces exactly), none kept:
+# the structural term's weight, --option ssim_weight=0 / 0.25 / 1.0: 0.666 / 0.760 / 0.771; its SSIM window's Gaussian
+# width (an uncommitted option; 1.5 px bundled) 1.0 / 2.5 px: 0.760 / 0.754, 1.5 and 3.0 px averaged: 0.770; the six
+# z-scored passes (three directions, each with its mirror) combined by other power means (exponents 0-1 for the
+# mirror pair and 0.33-1 across directions): at most 0.7784; the reconstruction averaged over noisy copies of the input
+# (coarse noise drawn as in training with a fixed seed, uncommitted) 2 copies at std 0.15 / 0.3: 0.782 / 0.778, 4 at
+# 0.15: 0.782. The best of these, +0.0034, lies within the noise of the validation subjects ([-0.0033, +0.0104] over
+# 300 resamples of them, above 0 in 85 %) for twice the network time.
 # The chooser's scores above are on its four kinds of case before the fifth, MS-like lesions, was added; with it the
 # bundled dae scores 0.3033 alone and 0.4232 fused (Resources/ms-like-validation.txt). Noise drawn twice as fine in
 # half the training slices (the size of MS lesions), 1500 steps from the bundled weights (~20 min), not kept either:
