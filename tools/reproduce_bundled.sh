@@ -150,6 +150,9 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
 #   the paper's classifier, --steps 6000 --batch-size 64 --validate-every 500: 0.726 / 0.735 / 0.736 at 500 / 1000 /
 #   1500 steps; the same with boxes painted into the slice instead of dimmed in the reconstruction (an option not
 #   kept), --steps 3000: 0.740 / 0.754 / 0.750 / 0.737 at 500 to 2000.
+# The bundled classifier's curve falls after its best step (0.886 at 250, 0.872 at 1500). Twice as many painted
+# anomalies to learn from (--option anomalies_per_volume=4, --steps 750 --validate-every 125; ~30 min, 18 of them making
+# the maps) did not lift it: 0.879 / 0.880 / 0.879 / 0.880 / 0.881 / 0.881 at 125 to 750, not bundled.
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
 # The dae's weight at CSF-, grey- and white-matter-like intensity was chosen on a grid around the previous dae's best
