@@ -152,7 +152,8 @@ uad train --model mae-classifier --init-from runs/swin-mae/model.pt --data "$DAT
 #   kept), --steps 3000: 0.740 / 0.754 / 0.750 / 0.737 at 500 to 2000.
 # The bundled classifier's curve falls after its best step (0.886 at 250, 0.872 at 1500). Twice as many painted
 # anomalies to learn from (--option anomalies_per_volume=4, --steps 750 --validate-every 125; ~30 min, 18 of them making
-# the maps) did not lift it: 0.879 / 0.880 / 0.879 / 0.880 / 0.881 / 0.881 at 125 to 750, not bundled.
+# the maps) did not lift it: 0.879 / 0.880 / 0.879 / 0.880 / 0.881 / 0.881 at 125 to 750; nor did a lower learning rate
+# (--lr 2e-4 --steps 1000 --validate-every 250; ~22 min): 0.882 / 0.885 / 0.885 / 0.884. Neither is bundled.
 python tools/bundle_weights.py runs/intensity runs/vqvae runs/rae runs/swin-mae runs/vqvae-transformer \
     runs/mae-classifier runs/patch-retrieval
 # The dae's weight at CSF-, grey- and white-matter-like intensity was chosen on a grid around the previous dae's best
