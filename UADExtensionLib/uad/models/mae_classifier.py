@@ -41,10 +41,10 @@ from uad.models.registry import register
 from uad.models.slicewise import MIN_BRAIN_FRACTION, brain_slices_from_volumes, to_slices
 from uad.models.swin_mae import SwinMAEConfig, SwinMAEModel
 from uad.postprocessing import median_filter
+from uad.preprocessing import WORKING_GRID
 from uad.synthetic import add_synthetic_anomaly
 
 CLASSIFIER_INPUTS = ("difference", "anomaly-map")
-WORKING_SPACING_MM = 2.0  # the working grid's voxel size (uad.preprocessing), for the map's median filter
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class MAEClassifierModel(SwinMAEModel):
     def classifier_map(self, anomaly_map: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
         """What the "anomaly-map" classifier reads: the map median-filtered as segmentation filters it, z-scores
         clipped to 0..20 and divided by 10."""
-        filtered = median_filter(anomaly_map, brain_mask, (WORKING_SPACING_MM,) * 3, self.config.map_median_mm)
+        filtered = median_filter(anomaly_map, brain_mask, (WORKING_GRID.spacing,) * 3, self.config.map_median_mm)
         return (np.clip(filtered, 0, 20) / 10).astype(np.float32)
 
     @torch.inference_mode()
@@ -183,8 +183,9 @@ class MAEClassifierModel(SwinMAEModel):
             maps, truths, mask_slices = [], [], []
             for volume, mask in tqdm(list(zip(volumes, masks)), desc="maps of synthetic anomalies", file=sys.stderr):
                 for _ in range(self.config.anomalies_per_volume):
-                    modified, truth = add_synthetic_anomaly(volume, mask, rng, spacing_mm=WORKING_SPACING_MM)
-                    classifier_map = self.classifier_map(self.predict(modified, mask).anomaly_map, mask)
+                    modified, truth = add_synthetic_anomaly(volume, mask, rng, spacing_mm=WORKING_GRID.spacing)
+                    # Stage 1's map only: this class's predict would also run the classifier being trained.
+                    classifier_map = self.classifier_map(super().predict(modified, mask).anomaly_map, mask)
                     (map_slices, brain), (truth_slices, _) = (
                         brain_slices_from_volumes(v[None], mask[None], direction)
                         for v in (classifier_map, truth.astype(np.float32)))
