@@ -155,15 +155,16 @@ def score(filtered, post: PostprocessConfig, fpr: float) -> dict:
     return result
 
 
-def calibrated_dice(filtered, post: PostprocessConfig, fpr: float) -> tuple[dict, float, float]:
+def calibrated_dice(filtered, post: PostprocessConfig, fpr: float, images=None) -> tuple[dict, float, float]:
     """({"dice <kind>": mean Dice}, the threshold calibrated at ``fpr`` on the healthy cases, the mean volume in ml
-    that ``post`` then segments on them); ``filtered`` as for :func:`score`."""
+    that ``post`` then segments on them); ``filtered`` as for :func:`score`, ``images`` the cases' scans in the same
+    order (needed when ``post`` refines with Atropos)."""
     healthy = [(f, mask) for kind, f, _, mask in filtered if kind == "healthy"]
     threshold, _ = healthy_threshold([f for f, _ in healthy], [m for _, m in healthy], post, fpr, SPACING)
     post = replace(post, threshold=threshold)
     dices, flagged_ml = {}, []
-    for kind, f, truth, mask in filtered:
-        segmentation = segment_filtered(f, mask, SPACING, post)
+    for (kind, f, truth, mask), image in zip(filtered, images or [None] * len(filtered)):
+        segmentation = segment_filtered(f, mask, SPACING, post, image)
         if kind == "healthy":
             flagged_ml.append(segmentation.sum() * np.prod(SPACING) / 1000)
         else:

@@ -23,6 +23,15 @@ Dice (0.374 against 0.366) and flag less on the clean scans, but loses 0.011 of 
 
 All of this is on the 2 mm working grid, where `uad detect` segments on the scan's own grid (usually 1 mm): a
 dilation of 1 mm is no voxel here, so dilation is not searched.
+
+Atropos refinement (``--refines none atropos``, Ano-swinMAE's last step) can be scored too, and is not to be
+trusted from these cases alone: a painted lesion is one uniform intensity, which Atropos separates from its
+surroundings at once, and a real lesion is not. In Resources/postprocessing-refine-validation.txt (2026-12-07, ~8 min)
+it raises the fusion's mean Dice from 0.366 to 0.386, but flags 8.7 ml on the clean scans against 5.1 and costs small
+stroke shapes 0.05, so it is not chosen. A variant of the rule that only trims components (never grows them; not
+committed) passed the choice: mean Dice 0.425 with components from 16 mm3, 3.4 ml on clean scans. On the two real T1
+lesion scans, though, `uad detect` with it lowered the Dice, MS 0.258 -> 0.211 and glioma 0.313 -> 0.141 (the
+committed rule: 0.195 and 0.183), so detect's default stays unrefined.
 """
 
 from __future__ import annotations
@@ -39,13 +48,14 @@ from choose_fusion_weights import MAX_KIND_LOSS, SPACING, calibrated_dice, valid
 from uad.checkpoint import load_checkpoint
 from uad.evaluation import Variant
 from uad.inference import resolve_checkpoint_path
+from uad.options import REFINE_METHODS
 from uad.postprocessing import median_filter
 
 
-def score(cases, post, fpr: float) -> dict:
+def score(cases, images, post, fpr: float) -> dict:
     """Mean Dice per kind of case at the threshold calibrated at ``fpr`` on the clean scans, their mean, and the
-    mean volume flagged on the clean scans; ``cases`` holds (kind, filtered map, truth, brain)."""
-    result, threshold, healthy_ml = calibrated_dice(cases, post, fpr)
+    mean volume flagged on the clean scans; ``cases`` holds (kind, filtered map, truth, brain), ``images`` the scans."""
+    result, threshold, healthy_ml = calibrated_dice(cases, post, fpr, images)
     result["mean dice"] = float(np.mean(list(result.values())))
     result["healthy ml"] = healthy_ml
     result["threshold"] = threshold
@@ -61,6 +71,8 @@ def main() -> None:
     parser.add_argument("--min-components", type=float, nargs="+", default=[16.0, 50.0, 100.0],
                         help="smallest component kept, mm3")
     parser.add_argument("--top-ks", type=int, nargs="+", default=[5, 10, 20, 0], help="components kept, 0 = all")
+    parser.add_argument("--refines", nargs="+", choices=REFINE_METHODS, default=["none"],
+                        help="boundary refinements to try, e.g. none atropos (Atropos: about 2 min a setting)")
     parser.add_argument("--predictions", default=None,
                         help="folder where a fusion's members' predictions are kept (as for choose_fusion_weights.py)")
     args = parser.parse_args()
@@ -69,15 +81,18 @@ def main() -> None:
     current = checkpoint.calibrated_postprocessing(None, "sliding")
     fpr = checkpoint.calibration["fpr"]
     model = Variant(checkpoint, path, None, predictions_dir=args.predictions)  # predicts as `uad evaluate` does
-    cases = [(kind, median_filter(model.predict(image, mask).anomaly_map, mask, SPACING, current.median_mm),
-              truth, mask) for kind, image, truth, mask in validation_cases(args.data, args.cache)]
-    current_key = (current.brain_erosion_mm, current.min_component_mm3, current.top_k)
+    cases, images = [], []
+    for kind, image, truth, mask in validation_cases(args.data, args.cache):
+        filtered = median_filter(model.predict(image, mask).anomaly_map, mask, SPACING, current.median_mm)
+        cases.append((kind, filtered, truth, mask))
+        images.append(image)
+    current_key = (current.brain_erosion_mm, current.min_component_mm3, current.top_k, current.refine)
     scores = {}
-    for key in [*itertools.product(args.erosions, args.min_components, args.top_ks), current_key]:
+    for key in [*itertools.product(args.erosions, args.min_components, args.top_ks, args.refines), current_key]:
         if key not in scores:
-            post = replace(current, brain_erosion_mm=key[0], min_component_mm3=key[1], top_k=key[2])
-            scores[key] = score(cases, post, fpr)
-            print(f"erosion {key[0]:g} mm, smallest {key[1]:g} mm3, top-K {key[2]}"
+            post = replace(current, brain_erosion_mm=key[0], min_component_mm3=key[1], top_k=key[2], refine=key[3])
+            scores[key] = score(cases, images, post, fpr)
+            print(f"erosion {key[0]:g} mm, smallest {key[1]:g} mm3, top-K {key[2]}, refine {key[3]}"
                   f"{' (current)' if key == current_key else ''}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in scores[key].items()), flush=True)
     now = scores[current_key]
@@ -86,7 +101,7 @@ def main() -> None:
                and all(scores[key][name] >= now[name] - MAX_KIND_LOSS for name in dice_kinds)]
     best = max(allowed, key=lambda key: scores[key]["mean dice"])  # the current settings always qualify
     print(json.dumps({"model": args.model, "brain_erosion_mm": best[0], "min_component_mm3": best[1],
-                      "top_k": best[2], "validation": scores[best]}))
+                      "top_k": best[2], "refine": best[3], "validation": scores[best]}))
 
 
 if __name__ == "__main__":

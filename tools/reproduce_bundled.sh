@@ -187,6 +187,10 @@ uad train --model fusion --data "$DATA/healthy/ixi_t1" --out runs/fusion --cache
 # Its segmentation steps (brain erosion, smallest component, top-K) were scored on validation and left as they are:
 #   python tools/choose_postprocessing.py --data "$DATA" --model runs/fusion/model.pt \
 #       --predictions "$CACHE/validation-predictions" > Resources/postprocessing-validation.txt
+# and with Atropos refinement (~8 min; not chosen, and it lowered both real lesion scans' Dice: the tool's docstring):
+#   python tools/choose_postprocessing.py --data "$DATA" --model fusion --erosions 4 --min-components 16 50 \
+#       --top-ks 10 --refines none atropos --predictions "$CACHE/validation-predictions" \
+#       > Resources/postprocessing-refine-validation.txt
 python tools/bundle_weights.py runs/fusion --default fusion
 # Where its false positives lie on healthy and real-lesion scans, and what damping thin CSF-like voxels costs on
 # validation (a diagnostic: nothing is chosen from it; ~5 min; README, Limits):
