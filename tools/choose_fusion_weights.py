@@ -155,7 +155,8 @@ def score(filtered, post: PostprocessConfig, fpr: float) -> dict:
     return result
 
 
-def calibrated_dice(filtered, post: PostprocessConfig, fpr: float, images=None) -> tuple[dict, float, float]:
+def calibrated_dice(filtered, post: PostprocessConfig, fpr: float,
+                    images: list[np.ndarray] | None = None) -> tuple[dict, float, float]:
     """({"dice <kind>": mean Dice}, the threshold calibrated at ``fpr`` on the healthy cases, the mean volume in ml
     that ``post`` then segments on them); ``filtered`` as for :func:`score`, ``images`` the cases' scans in the same
     order (needed when ``post`` refines with Atropos)."""

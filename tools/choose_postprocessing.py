@@ -1,5 +1,5 @@
-"""Choose a model's segmentation steps (brain erosion, smallest component, top-K, dilation) on the VALIDATION
-subjects, never test subjects or lesion cases:
+"""Choose a model's segmentation steps (brain erosion, smallest component, top-K; Atropos refinement on request) on
+the VALIDATION subjects, never test subjects or lesion cases:
 
     python tools/choose_postprocessing.py --data ../shared/data --model fusion \
         --predictions /work/cache/uad/validation-predictions > Resources/postprocessing-validation.txt
