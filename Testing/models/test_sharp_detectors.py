@@ -7,7 +7,7 @@ import torch
 from uad.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from uad.errors import UserInputError
 from uad.models import build_model
-from uad.models.dae import DAEConfig, coarse_noise, foreign_patches, training_noise, widen_csf_spaces
+from uad.models.dae import DAEConfig, coarse_noise, faint_dark_blobs, foreign_patches, training_noise, widen_csf_spaces
 from uad.models.fusion import FusionConfig, fuse_maps
 from uad.models.patch_retrieval import PatchRetrievalConfig
 from uad.models.scoring import healthy_map_statistics, standardise_map
@@ -69,6 +69,22 @@ def test_dae_refuses_a_foreign_patch_share_outside_0_to_1():
         build_model(DAEConfig(csf_widening_probability=-0.1))
     with pytest.raises(UserInputError, match="fine_noise_probability"):
         build_model(DAEConfig(fine_noise_probability=2.0))
+    with pytest.raises(UserInputError, match="dark_blob_probability"):
+        build_model(DAEConfig(dark_blob_probability=1.1))
+
+
+def test_faint_dark_blobs_darken_small_spots_inside_the_brain_by_at_most_40_percent():
+    torch.manual_seed(0)
+    images = 0.5 + 0.5 * torch.rand(64, 1, 80, 96)
+    masks = torch.zeros_like(images)
+    masks[..., 10:70, 10:86] = 1
+    ratio = faint_dark_blobs(images, masks, probability=1.0) / images
+    darkened = ratio < 1
+    assert float(darkened.flatten(1).any(1).float().mean()) > 0.8  # nearly every slice has a blob in its brain
+    assert float(ratio.min()) >= 0.6 - 1e-6 and float(ratio.max()) <= 1 + 1e-6  # faint, multiplicative: texture kept
+    assert not (darkened & (masks == 0)).any()
+    assert float(darkened.flatten(1).sum(1).max()) < 0.05 * 80 * 96  # small: MS-sized, not stroke-sized
+    assert torch.equal(faint_dark_blobs(images, masks, probability=0.0), images)
 
 
 def test_widened_csf_spaces_grow_from_the_csf_at_its_intensity_and_stay_in_the_brain():
