@@ -116,6 +116,11 @@ class DAEConfig(SliceConfig):
     dark_blob_probability: float = 0.0
 
 
+def chosen_slices(batch: int, probability: float, device: torch.device) -> torch.Tensor:
+    """(B, 1, 1, 1): 1 for a random ``probability`` share of a batch's slices, 0 for the others."""
+    return (torch.rand(batch, 1, 1, 1, device=device) < probability).float()
+
+
 def coarse_noise(shape: tuple[int, ...], divisor: int, std: float, generator_device: torch.device) -> torch.Tensor:
     """(B, 1, H, W) Gaussian noise drawn on a grid ``divisor`` times coarser and upsampled bilinearly."""
     batch, channels, height, width = shape
@@ -129,7 +134,7 @@ def training_noise(shape: tuple[int, ...], config: DAEConfig, generator_device: 
     noise = coarse_noise(shape, config.noise_grid_divisor, config.noise_std, generator_device)
     if config.fine_noise_probability > 0:
         fine = coarse_noise(shape, max(1, config.noise_grid_divisor // 2), config.noise_std, generator_device)
-        chosen = (torch.rand(shape[0], 1, 1, 1, device=generator_device) < config.fine_noise_probability).float()
+        chosen = chosen_slices(shape[0], config.fine_noise_probability, generator_device)
         noise = noise * (1 - chosen) + fine * chosen
     return noise
 
@@ -163,7 +168,7 @@ def foreign_patches(images: torch.Tensor, masks: torch.Tensor, probability: floa
     a lesion also brings edges and texture of its own. Returns (corrupted images, blob masks).
     """
     batch = images.shape[0]
-    chosen = (torch.rand(batch, 1, 1, 1, device=images.device) < probability).float()
+    chosen = chosen_slices(batch, probability, images.device)
     blend = (0.3 + 0.7 * torch.rand(batch, 1, 1, 1, device=images.device)) * chosen
     blobs = irregular_blobs(images.shape, images.device) * masks * blend
     donors = images.roll(1, dims=0)
@@ -175,7 +180,7 @@ def faint_dark_blobs(images: torch.Tensor, masks: torch.Tensor, probability: flo
     grid) multiplied by a factor between 0.6 and 0.9 over a softened edge, the tissue's texture kept: faint, small
     hypointensities, as multiple sclerosis shows on T1, which the coarse noise is too large and the foreign patches
     too bright to teach."""
-    chosen = (torch.rand(images.shape[0], 1, 1, 1, device=images.device) < probability).float()
+    chosen = chosen_slices(images.shape[0], probability, images.device)
     blobs = torch.zeros_like(images)
     for _ in range(3):
         blobs = torch.maximum(blobs, irregular_blobs(images.shape, images.device, radius_range=(0.01, 0.035)))
@@ -196,7 +201,7 @@ def widen_csf_spaces(images: torch.Tensor, masks: torch.Tensor, probability: flo
     grown = csf
     for _ in range(int(torch.randint(1, 3, (1,)))):
         grown = F.max_pool2d(grown, 3, stride=1, padding=1)
-    chosen = (torch.rand(images.shape[0], 1, 1, 1, device=images.device) < probability).float()
+    chosen = chosen_slices(images.shape[0], probability, images.device)
     region = grown * (1 - csf) * masks * irregular_blobs(images.shape, images.device) * chosen
     csf_mean = (images * csf).sum((2, 3), keepdim=True) / csf.sum((2, 3), keepdim=True).clamp(min=1)
     return images * (1 - region) + csf_mean * region
